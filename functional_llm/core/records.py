@@ -1,0 +1,221 @@
+"""Every record of the formal core, in one file. All are immutable (attrs frozen + slots).
+
+Why persistent containers: a decode step touches every running sequence, so a record that
+copied its token list per step would cost O(total tokens) host time. Token lists are
+pyrsistent vectors (append shares structure, O(1) amortised, in C); the block pool's sparse
+maps are `immutables` HAMTs (C, ~0.5 us per update; pyrsistent's map is pure Python); dense per-step mappings are fresh dicts behind a read-only proxy
+(copying 256 entries costs microseconds, far less than a persistent map's per-key update).
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Callable, Mapping, Optional
+
+import attrs
+import immutables
+from pyrsistent import PVector, pvector
+
+from functional_llm.errors import InvalidSamplingParams
+
+
+def _to_tuple(value):
+    if value is None:
+        return ()
+    if isinstance(value, (str, int)):
+        return (value,)
+    return tuple(value)
+
+
+@attrs.frozen(slots=True)
+class SamplingParams:
+    """How to sample one request. Validated on construction (InvalidSamplingParams)."""
+
+    temperature: float = 1.0
+    top_k: int = 0                  # 0 = off
+    top_p: float = 1.0              # 1.0 = off
+    min_p: float = 0.0              # 0.0 = off
+    max_tokens: int = 16
+    min_tokens: int = 0             # EOS / stop ids do not end a request before this many tokens
+    seed: Optional[int] = None      # None: derived from (engine seed, request id)
+    stop: tuple = attrs.field(default=(), converter=_to_tuple)
+    stop_token_ids: tuple = attrs.field(default=(), converter=_to_tuple)
+    ignore_eos: bool = False
+
+    def __attrs_post_init__(self):
+        def bad(name, why):
+            raise InvalidSamplingParams(name, getattr(self, name), why)
+
+        if not self.temperature >= 0:  # also rejects NaN
+            bad("temperature", "must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be an int >= 0 (0 = off)")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an int >= 1")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", f"must be an int in [0, max_tokens={self.max_tokens}]")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            bad("seed", "must be None or an int in [0, 2**63)")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            bad("stop", "stop strings must be non-empty str")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative ints")
+
+
+@attrs.frozen(slots=True)
+class Request:
+    """What a user submitted, after tokenisation. Never changes."""
+
+    rid: str
+    prompt: tuple                   # prompt token ids
+    params: SamplingParams
+    seed: int                       # the sampling key's seed (explicit or derived)
+    arrival: int                    # admission order, for traces and tie-breaking
+
+
+@attrs.frozen(slots=True)
+class Seq:
+    """A request's evolving state. tokens = prompt + generated; KV of tokens[:num_computed]
+    is in the blocks of block_table; block_hashes[j] is the chain hash of full block j
+    (only for blocks whose KV is computed)."""
+
+    req: Request
+    tokens: PVector
+    num_computed: int = 0
+    block_table: tuple = ()
+    block_hashes: tuple = ()
+    num_cached: Optional[int] = None  # prompt tokens served by the prefix cache at first admission
+
+    @property
+    def rid(self) -> str:
+        return self.req.rid
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.req.prompt)
+
+
+@attrs.frozen(slots=True)
+class CachedBlock:
+    """What the prefix index knows about one full, computed block. `parent` is the
+    (block id, epoch) of the previous block of the chain, so a hit confirms the whole prefix
+    token by token, not only by hash."""
+
+    hash: int
+    tokens: tuple
+    parent: Optional[tuple]
+    epoch: int
+
+
+@attrs.frozen(slots=True)
+class BlockPool:
+    """Reference-counted KV blocks with a prefix index.
+
+    Free blocks (ref 0) sit in `queue` in eviction order (least recently freed first). An
+    entry `queue[i] == b` is live iff ref[b] == 0 and queued_at[b] == i; reviving a cached block
+    (prefix hit) or re-freeing it leaves a stale entry behind, skipped lazily on allocation.
+    """
+
+    block_size: int
+    ref: PVector                    # [N] reference counts
+    queue: PVector                  # free-block queue (with stale entries)
+    head: int                       # first queue index not yet consumed
+    queued_at: PVector              # [N] queue index of each block's live entry
+    num_free: int
+    cached: immutables.Map          # block id -> CachedBlock (full, computed, hashed)
+    by_hash: immutables.Map         # chain hash -> block id
+    next_epoch: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.ref)
+
+
+def new_pool(num_blocks: int, block_size: int) -> BlockPool:
+    ids = range(num_blocks)
+    return BlockPool(block_size, pvector([0] * num_blocks), pvector(ids), 0, pvector(ids),
+                     num_blocks, immutables.Map(), immutables.Map())
+
+
+@attrs.frozen(slots=True)
+class SchedConfig:
+    """Static scheduling limits (validated by the shell before the engine starts)."""
+
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    eos_token_ids: tuple = ()
+    enable_prefix_caching: bool = True
+    hash_fn: Optional[Callable] = None  # chain hash override (tests inject a weak one)
+
+
+@attrs.frozen(slots=True)
+class Counters:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    chunked_prefills: int = 0       # prefill pieces that stopped short of the prompt's end
+    preemptions: int = 0
+    cache_hit_tokens: int = 0
+
+
+@attrs.frozen(slots=True)
+class SchedState:
+    waiting: tuple                  # request ids, in admission order (preempted ones first)
+    running: tuple                  # request ids, oldest first (victims come from the end)
+    seqs: Mapping                   # rid -> Seq, a read-only view of a fresh dict
+    pool: BlockPool
+    counters: Counters = Counters()
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free
+
+
+def new_state(cfg: SchedConfig) -> SchedState:
+    return SchedState((), (), MappingProxyType({}), new_pool(cfg.num_blocks, cfg.block_size))
+
+
+@attrs.frozen(slots=True)
+class Plan:
+    """One step's work, struct-of-arrays: row i schedules tokens[starts[i]:starts[i]+counts[i]]
+    of sequence rids[i]; sample[i] says whether the step samples its next token (the chunk
+    reaches the end of the known tokens). preempted lists the victims of this step."""
+
+    rids: tuple = ()
+    starts: tuple = ()
+    counts: tuple = ()
+    sample: tuple = ()
+    preempted: tuple = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.counts)
+
+
+@attrs.frozen(slots=True)
+class Delta:
+    """What one request gained in one transition: new tokens and, if it ended, why."""
+
+    rid: str
+    new_tokens: tuple = ()
+    finish_reason: Optional[str] = None   # 'stop' | 'length' | 'abort' | None
+
+
+@attrs.frozen(slots=True)
+class Deltas:
+    """A step's deltas, struct-of-arrays: sampled token per row, then the finished rows."""
+
+    rids: tuple = ()
+    tokens: tuple = ()
+    finished: Mapping = MappingProxyType({})   # rid -> finish reason
+    num_cached: Mapping = MappingProxyType({})  # rid -> Seq.num_cached, for finished rids
+
+    def __iter__(self):
+        for rid, tok in zip(self.rids, self.tokens):
+            yield Delta(rid, (tok,), self.finished.get(rid))

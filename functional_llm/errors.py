@@ -1,0 +1,38 @@
+"""Errors a user can cause. Each is a ValueError subclass naming the offending parameter and
+value, raised before anything is admitted, so engine state is unchanged when one escapes."""
+
+
+class FunctionalLLMError(ValueError):
+    """Base class: `parameter` names what was wrong, `value` is what was given."""
+
+    def __init__(self, parameter: str, value, message: str):
+        self.parameter = parameter
+        self.value = value
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{parameter}={shown}: {message}")
+
+
+class InvalidSamplingParams(FunctionalLLMError):
+    """A SamplingParams field outside its domain."""
+
+
+class InvalidPrompt(FunctionalLLMError):
+    """An empty prompt, a token id outside the vocabulary, or a prompt that is too long."""
+
+
+class RequestTooLarge(FunctionalLLMError):
+    """A request that could never fit in the KV pool."""
+
+
+class InvalidModel(FunctionalLLMError):
+    """A model folder that is missing files or describes an unsupported architecture."""
+
+
+class InvalidConfig(FunctionalLLMError):
+    """An engine argument (block size, pool size, budgets, device, dtype) out of range."""
+
+
+class UnknownRequest(FunctionalLLMError):
+    """abort() or finish() of a request id the engine does not know."""

@@ -1,0 +1,67 @@
+"""The attention-backend interface.
+
+Shape letters (STYLE.md): B batch (sequences in the step), T tokens in the step, H query heads,
+K kv heads, D head dim, N pool blocks, S block size, M max blocks per sequence.
+
+The KV pool for one layer is a pair of tensors `k_cache, v_cache`, each [N, S, K, D]; the whole
+pool is one tensor `kv` [L, 2, N, S, K, D] that the step receives and returns (the only object
+updated in place, like a donated buffer). Token t of a sequence lives in block
+`block_table[t // S]` at row `t % S`; its flat slot is `block * S + t % S`.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+import torch
+
+
+@attrs.frozen(slots=True)
+class AttnBatch:
+    """Device-side description of one step's attention work, staged once per step.
+
+    The tokens of the step are laid out sequence after sequence: sequence b owns rows
+    cu_q[b]:cu_q[b+1] of q/k/v, at absolute positions seq_lens[b] - q_len_b ... seq_lens[b]-1.
+    """
+
+    slot_mapping: torch.Tensor   # [T] int64: flat pool slot where each new token's K/V goes
+    cu_q: torch.Tensor           # [B+1] int32: prefix sums of per-sequence query lengths
+    seq_lens: torch.Tensor       # [B] int32: tokens in KV after this step (cached + new)
+    block_tables: torch.Tensor   # [B, M] int32: blocks of each sequence, padded with 0
+    max_q: int                   # max query length in the step (host int, no sync needed)
+    max_seq_len: int             # max of seq_lens (host int)
+    extra: object = None         # backend-private data built by `prepare` (index tensors, ...)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, batch: AttnBatch) -> AttnBatch:
+        """Host side, once per step: return `batch` with `extra` filled in. Pure."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
+                scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, K, D] -> out [T, H, D]. Writes k/v into the caches at
+        batch.slot_mapping first (the caches are the one in-place object), then attends each
+        query causally over its sequence's cached prefix plus the new tokens."""
+
+
+_REGISTRY: dict[str, str] = {
+    "reference": "functional_llm.kernels.reference:ReferenceBackend",
+}
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    import importlib
+
+    from functional_llm.errors import InvalidConfig
+
+    if name not in _REGISTRY:
+        raise InvalidConfig("attention_backend", name, f"known backends: {available_backends()}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()

@@ -1,0 +1,257 @@
+"""LLM: the user-facing shell (tokenizer, validation, stop strings, progress, outputs) around
+the Engine. Everything a user can get wrong is checked here or in core.check_request before
+the engine state changes."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import attrs
+import torch
+import xxhash
+from tqdm.auto import tqdm
+
+from functional_llm.core.records import Request, SamplingParams, SchedConfig
+from functional_llm.errors import InvalidConfig, InvalidModel, InvalidPrompt, InvalidSamplingParams
+from functional_llm.kernels import get_backend
+from functional_llm.model.config import load_config
+from functional_llm.model.loader import load_params
+from functional_llm.outputs import RequestOutput
+from functional_llm.runtime.engine import DeviceModel, Engine
+
+DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste on CPU
+CPU_KV_BYTES = 2 << 30           # default KV pool budget on CPU
+GPU_KV_FRACTION = 0.85           # of the memory free after loading weights
+
+Prompt = Union[str, Sequence[int]]
+
+
+def _positive(name, value):
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise InvalidConfig(name, value, "must be a positive int")
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, max_model_len: Optional[int] = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: Optional[int] = None,
+                 block_size: Optional[int] = None, num_kv_blocks: Optional[int] = None,
+                 enable_prefix_caching: bool = True, dtype: Optional[str] = None,
+                 device: Optional[str] = None, seed: int = 0, attention_backend: str = "reference"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "num_kv_blocks"):
+            _positive(name, locals()[name])
+        if model is None:
+            from functional_llm.model.gguf import ensure_default_model
+            model = ensure_default_model()
+        path = Path(model)
+        cfg = load_config(path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _dtype(dtype, device)
+        params = load_params(path, cfg, dtype, device)
+        self.tokenizer = _tokenizer(path)
+        self.model_config, self.seed = cfg, seed
+
+        block_size = block_size or DEFAULT_BLOCK_SIZE
+        max_model_len = max_model_len or cfg.max_position_embeddings
+        per_block = cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        if num_kv_blocks is None:
+            if device.type == "cuda":
+                budget = torch.cuda.mem_get_info(device)[0] * GPU_KV_FRACTION
+            else:
+                budget = CPU_KV_BYTES
+            num_kv_blocks = max(1, int(budget // per_block))
+        kv = torch.zeros(cfg.num_layers, 2, num_kv_blocks, block_size, cfg.num_kv_heads,
+                         cfg.head_dim, dtype=dtype, device=device)
+        sched = SchedConfig(block_size=block_size, num_blocks=num_kv_blocks,
+                            max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens or max(8192, block_size),
+                            max_model_len=max_model_len, eos_token_ids=tuple(cfg.eos_token_ids),
+                            enable_prefix_caching=enable_prefix_caching)
+        self.engine = Engine(DeviceModel(params, cfg, get_backend(attention_backend)), kv, sched, device)
+        self._next_id = 0
+        self._live: dict[str, dict] = {}   # rid -> prompt, prompt ids, generated ids, text state
+
+    # -- incremental API ----------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Validate and admit one request; returns its id. Raises before any state change."""
+        rid, req = self._make_request(prompt, sampling_params, request_id)
+        self._admit(rid, req, prompt)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.engine.finish(request_id)
+        self._live.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the outputs of every request that changed."""
+        changed = self._step()
+        return [self._output(rid, reason) for rid, reason in changed.items()]
+
+    @property
+    def counters(self) -> dict:
+        out = attrs.asdict(self.engine.counters)
+        out["blocks_in_use"] = self.engine.state.blocks_in_use
+        return out
+
+    # -- batch API ------------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise InvalidSamplingParams("sampling_params", f"<{len(params)} items>",
+                                            f"need one per prompt ({len(prompts)}) or a single one")
+        made = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]  # validate all first
+        rids = []
+        try:
+            for (rid, req), prompt in zip(made, prompts):
+                self._admit(rid, req, prompt)
+                rids.append(rid)
+            return self._run(rids, use_tqdm)
+        finally:  # an interrupted call leaves no request behind
+            for rid in rids:
+                if rid in self.engine.state.seqs:
+                    self.abort(rid)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """messages: one conversation (a list of {'role', 'content'} dicts) or a list of them."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidModel("model", "<tokenizer>", "this model has no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False,
+                                                    add_generation_prompt=add_generation_prompt)
+                 for c in convs]
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        outs = self.generate(ids, sampling_params, use_tqdm)
+        return [attrs.evolve(o, prompt=t) for o, t in zip(outs, texts)]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _make_request(self, prompt, params, request_id):
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidSamplingParams("sampling_params", params, "must be a SamplingParams")
+        ids = self._encode(prompt)
+        rid = str(request_id) if request_id is not None else f"req-{self._next_id}"
+        if request_id is None:
+            self._next_id += 1
+        if params.stop and self.tokenizer is None:
+            raise InvalidSamplingParams("stop", params.stop, "stop strings need a tokenizer")
+        seed = params.seed if params.seed is not None else (
+            xxhash.xxh64_intdigest(f"{self.seed}:{rid}".encode()) & (2**63 - 1))
+        req = Request(rid, tuple(ids), params, seed, 0)
+        self.engine.check(req)
+        if rid in self._live:
+            raise InvalidPrompt("request_id", rid, "is already in use by a live request")
+        return rid, req
+
+    def _admit(self, rid, req, prompt):
+        self.engine.add(rid, req.prompt, req.params, req.seed)
+        self._live[rid] = {"prompt": prompt if isinstance(prompt, str) else None,
+                           "ids": req.prompt, "out": [], "params": req.params, "text": None, "cached": 0}
+
+    def _encode(self, prompt) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidPrompt("prompt", prompt, "this model has no tokenizer: pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise InvalidPrompt("prompt", prompt, "must be a str or a list of int token ids")
+        if not ids:
+            raise InvalidPrompt("prompt", prompt, "must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidPrompt("prompt", bad[:5], f"token ids must be in [0, {vocab})")
+        return ids
+
+    def _step(self) -> dict:
+        """One engine step, then stop strings; returns {rid: finish reason or None} changed."""
+        deltas = self.engine.step()
+        changed = {}
+        for rid, tok in zip(deltas.rids, deltas.tokens):
+            live = self._live[rid]
+            live["out"].append(tok)
+            seq = self.engine.state.seqs.get(rid)
+            live["cached"] = deltas.num_cached[rid] if seq is None else (seq.num_cached or 0)
+            reason = deltas.finished.get(rid)
+            if live["params"].stop and reason is None:
+                reason = self._check_stop(rid, live)
+            changed[rid] = reason
+        return changed
+
+    def _check_stop(self, rid, live):
+        text = self.tokenizer.decode(live["out"], skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in live["params"].stop) if i >= 0]
+        if not hits:
+            return None
+        live["text"] = text[:min(hits)]  # the output excludes the stop string
+        self.engine.finish(rid)
+        return "stop"
+
+    def _output(self, rid, reason) -> RequestOutput:
+        live = self._live[rid]
+        text = live["text"]
+        if text is None:
+            text = self.tokenizer.decode(live["out"], skip_special_tokens=True) if self.tokenizer else ""
+        if reason is not None:
+            del self._live[rid]
+        return RequestOutput(rid, live["prompt"], live["ids"], text, tuple(live["out"]), reason,
+                             live["cached"])
+
+    def _run(self, rids, use_tqdm) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        ours = set(rids)
+        bar = tqdm(total=len(rids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        while len(done) < len(rids):
+            before, t0 = self.engine.counters, time.perf_counter()
+            changed = self._step()
+            after, dt = self.engine.counters, max(time.perf_counter() - t0, 1e-9)
+            for rid, reason in changed.items():
+                if rid in ours and reason is not None:
+                    done[rid] = self._output(rid, reason)
+                    bar.update(1)
+            bar.set_postfix_str(
+                f"prefill {(after.prefill_tokens - before.prefill_tokens) / dt:.0f} tok/s, "
+                f"decode {(after.decode_tokens - before.decode_tokens) / dt:.0f} tok/s", refresh=False)
+        bar.close()
+        return [done[rid] for rid in rids]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InvalidPrompt("prompts", prompts, "must be a str, a list of ids, or a non-empty list of them")
+    return list(prompts)
+
+
+def _dtype(name, device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(name, torch.dtype) and name in table.values():
+        return name
+    if name not in table:
+        raise InvalidConfig("dtype", name, f"expected one of {sorted(table)}")
+    return table[name]
+
+
+def _tokenizer(path: Path):
+    """The folder's tokenizer, or None for weight-only folders (token-id prompts only)."""
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,1 @@
+"""The device side: step inputs, the compiled step, sampling, KV pool, TP workers."""

@@ -1,0 +1,78 @@
+"""The engine: the impure shell that owns the device (weights, KV pool) and the current core
+state, and drives one step as   schedule -> stage -> device step -> commit.
+
+The state is only ever replaced, never edited: `self.state` always holds a value some pure
+transition returned. The KV pool is the one in-place object (a donated buffer).
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+
+from functional_llm.core import commit as C
+from functional_llm.core import scheduler as S
+from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, new_state
+from functional_llm.runtime.sampling import sample
+from functional_llm.runtime.staging import StepInputs, stage
+from functional_llm.model.llama import compute_logits, forward
+
+
+@attrs.frozen(slots=True)
+class DeviceModel:
+    """What the device step closes over: weights, model config, attention backend."""
+
+    params: dict
+    cfg: object
+    backend: object
+
+
+def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """Model forward + sampling for one step. Writes the new tokens' K/V into kv; returns the
+    sampled token ids [Bs] (still on the device: the caller decides when to sync)."""
+    attn = model.backend.prepare(inputs.attn)
+    hidden = forward(model.params, model.cfg, inputs.input_ids, inputs.positions, attn, kv,
+                     model.backend)
+    logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows.long()])
+    return sample(logits, inputs.sampling)
+
+
+class Engine:
+    """Incremental API: add_request / step / abort. Not thread-safe (one caller drives it)."""
+
+    def __init__(self, model: DeviceModel, kv: torch.Tensor, sched: SchedConfig, device):
+        self.model, self.kv, self.sched, self.device = model, kv, sched, device
+        self.state = new_state(sched)
+        self._arrivals = 0
+
+    # -- inputs from outside core ---------------------------------------------------------
+    def check(self, req: Request) -> None:
+        """Raise the typed error add() would raise, without admitting anything."""
+        S.check_request(self.sched, req)
+
+    def add(self, rid: str, prompt, params, seed: int) -> None:
+        req = Request(rid, tuple(prompt), params, seed, self._arrivals)
+        self.state = S.admit(self.state, self.sched, req)  # raises before any change
+        self._arrivals += 1
+
+    def finish(self, rid: str) -> None:
+        """End a request for a reason decided outside core (stop string, abort)."""
+        self.state = C.finish(self.state, rid)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.state.waiting or self.state.running)
+
+    @property
+    def counters(self) -> Counters:
+        return self.state.counters
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> Deltas:
+        state, plan = S.schedule(self.state, self.sched)
+        if not plan.rids:
+            self.state = state
+            return Deltas()
+        inputs = stage(state, plan, self.sched.block_size, self.device)
+        with torch.inference_mode():
+            tokens = device_step(self.model, self.kv, inputs).tolist()
+        self.state, deltas = C.commit(state, self.sched, plan, tokens)
+        return deltas

@@ -1,0 +1,195 @@
+"""Token sampling with explicit keys: `sample(logits, st) -> tokens`, pure and sync-free.
+
+Contract
+--------
+* Row b with temperature 0 gets argmax(logits[b]) of the raw logits.
+* Any other row gets one draw from softmax(x_b) where x_b = logits[b] / T_b after three
+  filters, applied over one descending sort of x_b (removed tokens get -inf):
+    top-k  (k > 0):   keep the k largest;
+    top-p  (p < 1):   on the distribution left by top-k, keep the smallest prefix of the
+                      sorted tokens whose mass reaches p (the top token always stays);
+    min-p  (m > 0):   drop tokens whose probability is below m x the top probability.
+* The draw is Gumbel-max: argmax(x_b + g), g = -log(-log(u)), where u[v] is a pure integer
+  hash of (seeds[b], positions[b], v). Nothing else enters the noise.
+* Inputs are not modified; nothing is raised inside `sample`.
+
+Why counter-based noise (no torch.Generator, no global RNG)
+-----------------------------------------------------------
+* Batch independence (I10): a stateful generator hands out numbers in batch order, so a
+  row's noise would depend on which other requests share the step, on its row index and
+  on how many steps ran before. A hash of (seed, position, column) makes a request's token
+  depend only on its own logits, seed and position: preemption, re-batching, chunking and
+  replays give the same token.
+* Capture safety: the noise is plain integer arithmetic on device tensors, with no host
+  reads, no generator state to advance and no Python branching on tensor values, so the
+  same code runs eagerly, under torch.compile, and replayed from a CUDA graph.
+* Same function on CPU and GPU: only int64 adds, multiplies, shifts, xors and masks whose
+  results stay below 2**63, so no backend-specific overflow behaviour can creep in.
+
+Shape letters (STYLE.md): B batch (rows being sampled), V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+
+import attrs
+import numpy as np
+import torch
+
+from functional_llm.errors import InvalidSamplingParams
+
+_MASK32 = 0xFFFFFFFF
+_UNIFORM_BITS = 24
+_HALF_RANGE = 1 << (_UNIFORM_BITS - 1)
+
+
+@attrs.frozen(slots=True)
+class SamplingTensors:
+    """Per-row sampling parameters on the logits' device (build with make_sampling_tensors)."""
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor        # [B] int64, 0 = off
+    top_p: torch.Tensor        # [B] float32 in (0, 1], 1.0 = off
+    min_p: torch.Tensor        # [B] float32 in [0, 1], 0 = off
+    seeds: torch.Tensor        # [B] int64 in [0, 2**63)
+    positions: torch.Tensor    # [B] int64 >= 0: absolute position of the token being sampled
+    greedy_only: bool          # host flag: every temperature is 0, so no sort and no noise
+
+
+def make_sampling_tensors(temperature, top_k, top_p, min_p, seeds, positions,
+                          device) -> SamplingTensors:
+    """Pack per-row host values (lists or numpy arrays, length B) into SamplingTensors.
+
+    Two host->device copies: one for the float fields, one for the int fields. Pure.
+    Raises InvalidSamplingParams naming the field when lengths differ or a value is out
+    of its domain (the engine validates SamplingParams first, so this is a backstop).
+    """
+    floats = {name: np.asarray(v, dtype=np.float32).reshape(-1)
+              for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p))}
+    ints = {name: np.asarray(v, dtype=np.int64).reshape(-1)
+            for name, v in (("top_k", top_k), ("seeds", seeds), ("positions", positions))}
+    num_rows = len(floats["temperature"])
+    for name, arr in {**floats, **ints}.items():
+        if len(arr) != num_rows:
+            raise InvalidSamplingParams(name, len(arr), f"length must equal B={num_rows}")
+    _check(floats["temperature"] >= 0, "temperature", floats["temperature"], "must be >= 0")
+    _check((floats["top_p"] > 0) & (floats["top_p"] <= 1), "top_p", floats["top_p"],
+           "must be in (0, 1]")
+    _check((floats["min_p"] >= 0) & (floats["min_p"] <= 1), "min_p", floats["min_p"],
+           "must be in [0, 1]")
+    for name in ints:
+        _check(ints[name] >= 0, name, ints[name], "must be >= 0")
+
+    float_block = torch.from_numpy(np.stack(list(floats.values()))).to(device)
+    int_block = torch.from_numpy(np.stack(list(ints.values()))).to(device)
+    temp_t, top_p_t, min_p_t = float_block.unbind(0)
+    top_k_t, seeds_t, positions_t = int_block.unbind(0)
+    return SamplingTensors(
+        temperature=temp_t, top_k=top_k_t, top_p=top_p_t, min_p=min_p_t,
+        seeds=seeds_t, positions=positions_t,
+        greedy_only=bool(np.all(floats["temperature"] == 0)),
+    )
+
+
+def _check(ok: np.ndarray, name: str, values: np.ndarray, why: str) -> None:
+    if not np.all(ok):
+        raise InvalidSamplingParams(name, values[~ok][0].item(), why)
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """logits [B, V] float32 -> tokens [B] int64 (see the module docstring). Pure.
+
+    No profiler range in here: record_function is dropped (with a warning) under
+    torch.compile, so the caller's step labels this region "sample"."""
+    greedy = logits.argmax(dim=-1)
+    if st.greedy_only:  # host flag, fixed per captured graph: no tensor value is read
+        return greedy
+    is_greedy = st.temperature == 0
+    # Greedy rows are scaled by 1 only to keep the arithmetic finite; their draw is
+    # discarded by the final where.
+    temperature = torch.where(is_greedy, torch.ones_like(st.temperature), st.temperature)
+    scaled = logits.float() / temperature[:, None]
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
+    keep = filter_mask(sorted_logits, st.top_k, st.top_p, st.min_p)
+    filtered = sorted_logits.masked_fill(~keep, -math.inf)
+    # Noise is keyed by the vocab id, not the sorted rank, so it can be computed in
+    # sorted order directly; no scatter back to vocab order is needed.
+    noise = gumbel_noise(st.seeds, st.positions, sorted_ids)
+    pick = (filtered + noise).argmax(dim=-1, keepdim=True)
+    drawn = sorted_ids.gather(-1, pick).squeeze(-1)
+    return torch.where(is_greedy, greedy, drawn)
+
+
+def filter_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                min_p: torch.Tensor) -> torch.Tensor:
+    """sorted_logits [B, V] (descending) -> keep [B, V] bool; column 0 is always kept
+    when top_p > 0 and min_p <= 1. Each filter keeps a prefix, so their AND is a prefix."""
+    vocab = sorted_logits.shape[-1]
+    rank = torch.arange(vocab, device=sorted_logits.device)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
+    keep_k = rank[None, :] < k[:, None]
+
+    # top-p works on the distribution top-k leaves behind. A token stays while the mass
+    # strictly before it is below p, which keeps exactly the smallest prefix reaching p.
+    probs = sorted_logits.masked_fill(~keep_k, -math.inf).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep_p = torch.ones_like(keep_k)
+
+    # p_i < m * p_max  <=>  x_i - x_max < log(m); renormalising by the other filters does
+    # not change the ratio, so min-p can be tested on the raw scaled logits. log(0) = -inf
+    # keeps everything.
+    keep_min = (sorted_logits - sorted_logits[:, :1]) >= torch.log(min_p)[:, None]
+    return keep_k & keep_p & keep_min
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor,
+                 columns: torch.Tensor) -> torch.Tensor:
+    """seeds [B], positions [B], columns [B, V] int64 -> Gumbel noise [B, V] float32.
+
+    Finite everywhere: the uniform lies in [2**-25, 1 - 2**-25]."""
+    bits = uniform_bits(seeds, positions, columns)
+    # u = (bits + 0.5) / 2**24. In float32 bits + 0.5 is exact only below 2**23, and
+    # -log(u) near u = 1 is where the large (winning) noise values come from, so the upper
+    # half is computed from 1 - u = (2**24 - bits - 0.5) / 2**24 with log1p instead.
+    low = bits < _HALF_RANGE
+    scale = 2.0 ** -_UNIFORM_BITS
+    u = (bits.float() + 0.5) * scale
+    one_minus_u = ((1 << _UNIFORM_BITS) - bits).float().sub(0.5) * scale
+    exp_draw = torch.where(low, -torch.log(u), -torch.log1p(-one_minus_u))
+    return -torch.log(exp_draw)
+
+
+def uniform_bits(seeds: torch.Tensor, positions: torch.Tensor,
+                 columns: torch.Tensor) -> torch.Tensor:
+    """The counter-based hash: seeds [B], positions [B], columns [B, V] int64 (all >= 0)
+    -> [B, V] int64 in [0, 2**24), a pure function of (seed, position, column).
+
+    Two independent 32-bit lanes absorb the 64-bit seed and the position per row (cheap,
+    [B]); the column is then mixed with both lanes, so a row key is 64 bits wide and two
+    requests collide only with probability ~2**-64 per position."""
+    seed_lo = seeds & _MASK32
+    seed_hi = (seeds >> 32) & _MASK32
+    pos_lo = positions & _MASK32
+    pos_hi = (positions >> 32) & _MASK32
+    lane_a = _mix32(seed_lo ^ 0x243F6A88)
+    lane_b = _mix32(seed_hi ^ 0x13198A2E)
+    for word, salt in ((seed_hi, 0x03707344), (pos_lo, 0x299F31D0), (pos_hi, 0x082EFA98)):
+        lane_a = _mix32(lane_a ^ word)
+        lane_b = _mix32(lane_b ^ word ^ salt)
+    lane_b = _mix32(lane_b ^ seed_lo)
+    # Weyl step over the column (odd multiplier < 2**31), then two full mixing rounds.
+    x = (lane_a[:, None] + columns * 0x61C88647) & _MASK32
+    x = _mix32(_mix32(x) ^ lane_b[:, None])
+    return x >> (32 - _UNIFORM_BITS)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit avalanche mixer on int64 tensors holding values in [0, 2**32).
+
+    Multipliers are odd and below 2**31, so every product is below 2**63: no signed
+    overflow on any backend, and masking to 32 bits makes it arithmetic mod 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x27D4EB2F) & _MASK32
+    return x ^ (x >> 16)

@@ -1,0 +1,63 @@
+"""Tiny random Hugging Face checkpoints for numerics tests (a helper module, not a test file).
+
+Each variant keeps the structure of its real family at toy size: Qwen3 (tied embedding,
+per-head q/k norm, head_dim set explicitly), Qwen2 (q/k/v biases, untied), Llama (untied,
+head_dim = hidden / heads) and Llama with a single kv head (MQA, tied).
+"""
+from __future__ import annotations
+
+import pathlib
+
+import torch
+from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+TINY_VOCAB = 256
+EOS_ID = 255
+BOS_ID = 1
+_COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+               bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+# name -> (config class, model class, family-specific config fields)
+VARIANTS = {
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM,
+              dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM,
+              dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama": (LlamaConfig, LlamaForCausalLM,
+              dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama-mqa": (LlamaConfig, LlamaForCausalLM,
+                  dict(num_key_value_heads=1, tie_word_embeddings=True)),
+}
+
+
+def build_tiny_model(arch: str, seed: int = 0, init_std: float = 0.25) -> torch.nn.Module:
+    """A random fp32 model of variant `arch`, deterministic in `seed`. Weights are drawn here
+    (not by transformers' initialiser) so norms and biases are non-trivial too, and with a
+    large std so logits are peaked and greedy outputs change from step to step."""
+    config_cls, model_cls, fields = VARIANTS[arch]
+    config = config_cls(**_COMMON, **fields, initializer_range=init_std, dtype="float32")
+    model = model_cls(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name:
+                param.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * noise)
+            else:
+                param.copy_(init_std * noise)
+    return model
+
+
+def make_tiny_model(arch: str, folder, seed: int = 0, init_std: float = 0.25) -> pathlib.Path:
+    """Save a tiny model of variant `arch` ("qwen3", "qwen2", "llama", "llama-mqa") to `folder`
+    as safetensors plus generation_config.json; returns the folder."""
+    folder = pathlib.Path(folder)
+    model = build_tiny_model(arch, seed, init_std)
+    model.save_pretrained(str(folder))
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID).save_pretrained(str(folder))
+    return folder
