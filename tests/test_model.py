@@ -95,7 +95,9 @@ def test_config_matches_family(tiny):
     assert cfg.qkv_bias == (cfg.arch == "qwen2")
     assert cfg.qk_norm == (cfg.arch == "qwen3")
     assert cfg.eos_token_ids == (EOS_ID,)
-    assert cfg.head_dim == 16 and cfg.num_kv_heads == hf.config.num_key_value_heads
+    assert cfg.head_dim == (32 if cfg.arch == "qwen3" else 16)
+    assert cfg.num_kv_heads == hf.config.num_key_value_heads
+    assert cfg.rope_theta == hf.config.rope_parameters["rope_theta"]
     assert ("lm_head.weight" in params) == (not cfg.tie_word_embeddings)
 
 
@@ -296,7 +298,8 @@ def test_sharded_checkpoint_with_extra_tensors(tiny_folder):
     for i, (file, keys) in enumerate(shards.items()):
         save_file({**{k: params[k] for k in keys}, **(extra if i else {})}, str(tiny_folder / file))
     weight_map = {k: file for file, keys in shards.items() for k in keys}
-    (tiny_folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    index = json.dumps({"weight_map": weight_map})
+    (tiny_folder / "model.safetensors.index.json").write_text(index)
     loaded = load_params(tiny_folder, cfg, torch.float64)
     assert loaded.keys() == params.keys()
     assert all(loaded[k].dtype == torch.float64 and torch.equal(loaded[k].float(), params[k])

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st_
 
 from functional_llm.errors import InvalidSamplingParams
 from functional_llm.runtime.sampling import (
-    make_sampling_tensors, sample, uniform_bits,
+    _cumsum_rows, make_sampling_tensors, sample, uniform_bits,
 )
 
 MAX_SEED = 2**63 - 1
@@ -244,6 +244,12 @@ def test_hash_bits_are_uniform_along_each_input():
         counts = np.bincount((bits.flatten() >> 18).numpy(), minlength=64)
         chi2 = float(((counts - n / 64) ** 2 / (n / 64)).sum())
         assert chi2 < 103.4, (name, chi2)
+
+
+@pytest.mark.parametrize("vocab", [6, 4096, 4097, 151_936])
+def test_chunked_row_cumsum_matches_cumsum(vocab):
+    x = torch.rand(3, vocab, dtype=torch.float64)
+    assert torch.allclose(_cumsum_rows(x), x.cumsum(dim=-1), rtol=1e-12, atol=1e-9)
 
 
 def test_sample_traces_without_graph_breaks():

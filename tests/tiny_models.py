@@ -1,8 +1,9 @@
 """Tiny random Hugging Face checkpoints for numerics tests (a helper module, not a test file).
 
 Each variant keeps the structure of its real family at toy size: Qwen3 (tied embedding,
-per-head q/k norm, head_dim set explicitly), Qwen2 (q/k/v biases, untied), Llama (untied,
-head_dim = hidden / heads) and Llama with a single kv head (MQA, tied).
+per-head q/k norm, head_dim 32 != hidden / heads as in the real Qwen3 sizes), Qwen2 (q/k/v
+biases, untied), Llama (untied, head_dim = hidden / heads) and Llama with a single kv head
+(MQA, tied).
 """
 from __future__ import annotations
 
@@ -17,19 +18,19 @@ EOS_ID = 255
 BOS_ID = 1
 _COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
-               rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
-# name -> (config class, model class, family-specific config fields)
+# name -> (config class, model class, family-specific config fields; rope_theta as in
+# the real family, so a loader that ignores it fails)
 VARIANTS = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM,
-              dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+              dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rope_theta=1e6)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM,
-              dict(num_key_value_heads=2, tie_word_embeddings=False)),
+              dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1e6)),
     "llama": (LlamaConfig, LlamaForCausalLM,
-              dict(num_key_value_heads=2, tie_word_embeddings=False)),
+              dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=5e5)),
     "llama-mqa": (LlamaConfig, LlamaForCausalLM,
-                  dict(num_key_value_heads=1, tie_word_embeddings=True)),
+                  dict(num_key_value_heads=1, tie_word_embeddings=True, rope_theta=1e4)),
 }
 
 
@@ -38,7 +39,10 @@ def build_tiny_model(arch: str, seed: int = 0, init_std: float = 0.25) -> torch.
     (not by transformers' initialiser) so norms and biases are non-trivial too, and with a
     large std so logits are peaked and greedy outputs change from step to step."""
     config_cls, model_cls, fields = VARIANTS[arch]
-    config = config_cls(**_COMMON, **fields, initializer_range=init_std, dtype="float32")
+    fields = dict(fields)
+    rope = {"rope_type": "default", "rope_theta": fields.pop("rope_theta")}
+    config = config_cls(**_COMMON, **fields, rope_parameters=rope, initializer_range=init_std,
+                        dtype="float32")
     model = model_cls(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

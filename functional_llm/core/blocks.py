@@ -7,10 +7,10 @@ its parent link, so a hash collision can never serve wrong KV (invariant I4).
 """
 from __future__ import annotations
 
+from array import array
 from typing import Callable, Optional, Sequence
 
 import attrs
-import numpy as np
 import xxhash
 from pyrsistent import pvector
 
@@ -22,10 +22,8 @@ class PoolExhausted(Exception):
 
 
 def chain_hash(parent: Optional[int], tokens: Sequence[int]) -> int:
-    """64-bit chained hash of one block: xxh64 over the parent hash and the token ids."""
-    h = xxhash.xxh64(seed=0 if parent is None else parent & 0xFFFFFFFFFFFFFFFF)
-    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
-    return h.intdigest()
+    """64-bit chained hash of one block: xxh3 of the token ids, seeded with the parent's hash."""
+    return xxhash.xxh3_64_intdigest(array("q", tokens).tobytes(), 0 if parent is None else parent)
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -89,7 +87,7 @@ def free(pool: BlockPool, blocks: Sequence[int]) -> BlockPool:
     sequence's last block first (tails are the least likely to be shared), keeping their hash
     so a later request can still hit them until they are evicted."""
     ref, queue, queued_at, freed = pool.ref.evolver(), pool.queue, pool.queued_at.evolver(), 0
-    for b in reversed(blocks):
+    for b in reversed([int(b) for b in blocks]):
         assert ref[b] > 0, f"free of unreferenced block {b}"
         ref[b] -= 1
         if ref[b] == 0:
@@ -154,5 +152,5 @@ def register(pool: BlockPool, block: int, h: int, tokens: tuple,
     if other is not None and _valid_link(pool, pool.cached[other]):
         return pool
     info = CachedBlock(h, tokens, parent, pool.next_epoch)
-    return attrs.evolve(pool, cached=pool.cached.set(block, info), by_hash=pool.by_hash.set(h, block),
-                        next_epoch=pool.next_epoch + 1)
+    return BlockPool(pool.block_size, pool.ref, pool.queue, pool.head, pool.queued_at, pool.num_free,
+                     pool.cached.set(block, info), pool.by_hash.set(h, block), pool.next_epoch + 1)

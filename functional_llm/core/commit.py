@@ -26,20 +26,10 @@ def _index_blocks(pool, seq: Seq, cfg: SchedConfig, hash_fn):
     for j in range(len(hashes), full):
         tokens = tuple(seq.tokens[j * S:(j + 1) * S])
         h = hash_fn(hashes[-1] if hashes else None, tokens)
-        pool = B.register(pool, seq.block_table[j], h, tokens, seq.block_table[j - 1] if j else None)
+        pool = B.register(pool, int(seq.block_table[j]), h, tokens,
+                          int(seq.block_table[j - 1]) if j else None)
         hashes.append(h)
-    return pool, attrs.evolve(seq, block_hashes=tuple(hashes))
-
-
-def _finish_reason(seq: Seq, token: int, cfg: SchedConfig):
-    p = seq.req.params
-    n = seq.num_generated
-    if n > p.min_tokens:  # EOS / stop ids count only after min_tokens tokens
-        if token in p.stop_token_ids or (not p.ignore_eos and token in cfg.eos_token_ids):
-            return "stop"
-    if n >= p.max_tokens or len(seq.tokens) >= cfg.max_model_len:
-        return "length"
-    return None
+    return pool, Seq(seq.req, seq.tokens, seq.num_computed, seq.block_table, tuple(hashes), seq.num_cached)
 
 
 def commit(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[int]
@@ -50,24 +40,27 @@ def commit(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[int
     hash_fn = cfg.hash_fn or B.chain_hash
     pool, changed, finished = state.pool, {}, {}
     out_rids, out_tokens, k = [], [], 0
-    caching = cfg.enable_prefix_caching
+    caching, S, eos, max_len = cfg.enable_prefix_caching, cfg.block_size, cfg.eos_token_ids, cfg.max_model_len
+    seqs = state.seqs
     for rid, start, count, sample in zip(plan.rids, plan.starts, plan.counts, plan.sample):
-        seq = state.seqs[rid]
-        assert seq.num_computed == start, (rid, seq.num_computed, start)
-        if sample:
-            tok = int(tokens[k])
+        seq = seqs[rid]
+        req = seq.req
+        if sample:  # per-step hot path: one Seq, one vector append, a few comparisons
+            tok = tokens[k]
             k += 1
-            seq = Seq(seq.req, seq.tokens.append(tok), start + count, seq.block_table,
+            seq = Seq(req, seq.tokens.append(tok), start + count, seq.block_table,
                       seq.block_hashes, seq.num_cached)
             out_rids.append(rid)
             out_tokens.append(tok)
-            reason = _finish_reason(seq, tok, cfg)
-            if reason is not None:
-                finished[rid] = reason
+            p, n = req.params, len(seq.tokens) - len(req.prompt)
+            if (tok in p.stop_token_ids or (tok in eos and not p.ignore_eos)) and n > p.min_tokens:
+                finished[rid] = "stop"      # EOS / stop ids count only after min_tokens tokens
+            elif n >= p.max_tokens or len(seq.tokens) >= max_len:
+                finished[rid] = "length"
         else:
-            seq = Seq(seq.req, seq.tokens, start + count, seq.block_table, seq.block_hashes,
+            seq = Seq(req, seq.tokens, start + count, seq.block_table, seq.block_hashes,
                       seq.num_cached)
-        if caching and seq.num_computed // cfg.block_size > len(seq.block_hashes):
+        if caching and seq.num_computed // S > len(seq.block_hashes):
             pool, seq = _index_blocks(pool, seq, cfg, hash_fn)
         changed[rid] = seq
     assert k == len(tokens), f"{len(tokens)} tokens for {k} sampling rows"

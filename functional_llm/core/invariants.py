@@ -38,7 +38,7 @@ def check_state(state: SchedState, cfg: SchedConfig, hash_fn=chain_hash) -> None
     assert not set(state.waiting) & set(state.running), "I7: a request both waiting and running"
     assert len(state.running) <= cfg.max_num_seqs, "I6: too many running"
     # I2 refcount: ref(b) = number of block tables holding b
-    held = Counter(b for s in state.seqs.values() for b in s.block_table)
+    held = Counter(b for s in state.seqs.values() for b in s.block_table.tolist())
     for b in range(pool.num_blocks):
         assert pool.ref[b] == held.get(b, 0), f"I2: block {b} ref {pool.ref[b]} != {held.get(b, 0)}"
     for rid, seq in state.seqs.items():
@@ -47,8 +47,8 @@ def check_state(state: SchedState, cfg: SchedConfig, hash_fn=chain_hash) -> None
         assert len(seq.block_table) == want, \
             f"I5: {rid} has {len(seq.block_table)} blocks for {seq.num_computed} tokens"
         # I3 exclusive tail: a block still being written belongs to this seq alone
-        if seq.block_table and seq.num_computed % cfg.block_size:
-            tail = seq.block_table[seq.num_computed // cfg.block_size]
+        if len(seq.block_table) and seq.num_computed % cfg.block_size:
+            tail = int(seq.block_table[seq.num_computed // cfg.block_size])
             assert pool.ref[tail] == 1 and tail not in pool.cached, f"I3: shared tail of {rid}"
     if not live:  # I8 conservation
         assert pool.num_free == pool.num_blocks, "I8: blocks held with nothing running"

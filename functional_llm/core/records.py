@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Optional
 
 import attrs
 import immutables
+import numpy as np
 from pyrsistent import PVector, pvector
 
 from functional_llm.errors import InvalidSamplingParams
@@ -74,6 +75,21 @@ class Request:
     params: SamplingParams
     seed: int                       # the sampling key's seed (explicit or derived)
     arrival: int                    # admission order, for traces and tie-breaking
+    # the sampler's per-row values, gathered once here instead of on every step
+    knobs: tuple = attrs.field(init=False, eq=False, repr=False, default=attrs.Factory(
+        lambda self: (self.params.temperature, self.params.top_p, self.params.min_p,
+                      self.params.top_k, self.seed), takes_self=True))
+
+
+def block_array(ids) -> np.ndarray:
+    """A read-only int32 array of block ids. Block tables are arrays because the runtime stages
+    all of them every step: one concatenate instead of thousands of int conversions."""
+    a = np.array(ids, dtype=np.int32).reshape(-1)
+    a.flags.writeable = False
+    return a
+
+
+NO_BLOCKS = block_array(())
 
 
 @attrs.frozen(slots=True)
@@ -85,7 +101,7 @@ class Seq:
     req: Request
     tokens: PVector
     num_computed: int = 0
-    block_table: tuple = ()
+    block_table: np.ndarray = NO_BLOCKS   # read-only int32 array (block_array)
     block_hashes: tuple = ()
     num_cached: Optional[int] = None  # prompt tokens served by the prefix cache at first admission
 

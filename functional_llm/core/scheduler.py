@@ -17,7 +17,7 @@ import attrs
 from pyrsistent import pvector
 
 from functional_llm.core import blocks as B
-from functional_llm.core.records import Plan, Request, SchedConfig, SchedState, Seq
+from functional_llm.core.records import NO_BLOCKS, Plan, Request, SchedConfig, SchedState, Seq, block_array
 from functional_llm.errors import InvalidPrompt, RequestTooLarge
 
 
@@ -49,49 +49,61 @@ def admit(state: SchedState, cfg: SchedConfig, req: Request) -> SchedState:
 
 def _reset(seq: Seq) -> Seq:
     """A preempted sequence keeps its tokens but forgets its KV."""
-    return attrs.evolve(seq, num_computed=0, block_table=(), block_hashes=())
+    return Seq(seq.req, seq.tokens, 0, NO_BLOCKS, (), seq.num_cached)
 
 
 def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
     """Choose the next step's work. Returns the state with blocks allocated for every
-    scheduled token (the step writes their KV) and the Plan. Never raises for valid states."""
+    scheduled token (the step writes their KV) and the Plan. Never raises for valid states.
+    The state argument is unchanged."""
     S, hash_fn = cfg.block_size, cfg.hash_fn or B.chain_hash
     pool, seqs, changed = state.pool, state.seqs, {}
     budget = cfg.max_num_batched_tokens
     running, waiting = list(state.running), list(state.waiting)
-    rows, preempted, chunked, hit_tokens = [], [], 0, 0
+    rids, starts, counts, sample = [], [], [], []
+    preempted, chunked, hit_tokens, decode = [], 0, 0, 0
 
-    def get(rid):
-        return changed.get(rid) or seqs[rid]
+    def add_row(seq, start, n):  # one scheduled piece of work; per-step hot path
+        nonlocal chunked, decode
+        rids.append(seq.req.rid)
+        starts.append(start)
+        counts.append(n)
+        end = start + n
+        sample.append(end == len(seq.tokens))
+        chunked += end < len(seq.tokens)
+        decode += n == 1 and start >= len(seq.req.prompt)  # one generated token: a decode
+
+    def preempt(seq):
+        nonlocal pool
+        pool = B.free(pool, seq.block_table)
+        changed[seq.req.rid] = _reset(seq)
+        waiting.insert(0, seq.req.rid)
+        preempted.append(seq.req.rid)
 
     i = 0
     while i < len(running) and budget > 0:
-        seq = get(running[i])
+        rid = running[i]
+        seq = changed.get(rid) or seqs[rid]
         n = min(len(seq.tokens) - seq.num_computed, budget)
         need = B.blocks_for(seq.num_computed + n, S) - len(seq.block_table)
-        while need > pool.num_free and running[-1] != seq.rid:
-            victim = get(running.pop())
-            pool = B.free(pool, victim.block_table)
-            changed[victim.rid] = _reset(victim)
-            waiting.insert(0, victim.rid)
-            preempted.append(victim.rid)
+        while need > pool.num_free and running[-1] != rid:
+            victim = running.pop()
+            preempt(changed.get(victim) or seqs[victim])
         if need > pool.num_free:  # it is the youngest itself: preempt it and stop
             running.pop()
-            pool = B.free(pool, seq.block_table)
-            changed[seq.rid] = _reset(seq)
-            waiting.insert(0, seq.rid)
-            preempted.append(seq.rid)
+            preempt(seq)
             break
         if need > 0:
             pool, new = B.allocate(pool, need)
-            seq = changed[seq.rid] = attrs.evolve(seq, block_table=seq.block_table + new)
-        rows.append((seq.rid, seq.num_computed, n))
-        chunked += seq.num_computed + n < len(seq.tokens)
+            seq = changed[rid] = Seq(seq.req, seq.tokens, seq.num_computed,
+                                     block_array(seq.block_table.tolist() + list(new)),
+                                     seq.block_hashes, seq.num_cached)
+        add_row(seq, seq.num_computed, n)
         budget -= n
         i += 1
 
     while not preempted and waiting and budget > 0 and len(running) < cfg.max_num_seqs:
-        seq = get(waiting[0])
+        seq = changed.get(waiting[0]) or seqs[waiting[0]]
         match = B.PrefixMatch()
         if cfg.enable_prefix_caching:
             match = B.match_prefix(pool, seq.tokens, hash_fn)
@@ -103,13 +115,12 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
             break
         pool = B.acquire(pool, match.blocks)
         pool, new = B.allocate(pool, need)
-        seq = changed[seq.rid] = attrs.evolve(
-            seq, num_computed=start, block_table=match.blocks + new, block_hashes=match.hashes,
+        seq = changed[seq.req.rid] = attrs.evolve(
+            seq, num_computed=start, block_table=block_array(match.blocks + new), block_hashes=match.hashes,
             num_cached=start if seq.num_cached is None else seq.num_cached)
         waiting.pop(0)
-        running.append(seq.rid)
-        rows.append((seq.rid, start, n))
-        chunked += start + n < len(seq.tokens)
+        running.append(seq.req.rid)
+        add_row(seq, start, n)
         hit_tokens += start
         budget -= n
 
@@ -117,16 +128,11 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
         seqs = dict(seqs)
         seqs.update(changed)
         seqs = MappingProxyType(seqs)
-    rids, starts, counts = zip(*rows) if rows else ((), (), ())
-    final = {rid: len(get(rid).tokens) for rid in rids}
-    sample = tuple(s + c == final[r] for r, s, c in zip(rids, starts, counts))
-    plan = Plan(rids, starts, counts, sample, tuple(preempted))
+    plan = Plan(tuple(rids), tuple(starts), tuple(counts), tuple(sample), tuple(preempted))
     ctr = state.counters
-    # a decode row computes exactly one generated token; everything else is prefill work
-    decode = sum(c == 1 and s >= len(get(r).req.prompt) for r, s, c in rows)
+    num_tokens = sum(counts)
     counters = attrs.evolve(
-        ctr, steps=ctr.steps + 1, prefill_tokens=ctr.prefill_tokens + sum(counts) - decode,
-        decode_tokens=ctr.decode_tokens + decode,
-        chunked_prefills=ctr.chunked_prefills + chunked,
+        ctr, steps=ctr.steps + 1, prefill_tokens=ctr.prefill_tokens + num_tokens - decode,
+        decode_tokens=ctr.decode_tokens + decode, chunked_prefills=ctr.chunked_prefills + chunked,
         preemptions=ctr.preemptions + len(preempted), cache_hit_tokens=ctr.cache_hit_tokens + hit_tokens)
     return SchedState(tuple(waiting), tuple(running), seqs, pool, counters), plan

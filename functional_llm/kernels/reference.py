@@ -1,9 +1,9 @@
 """Pure-torch attention over the paged KV pool: runs anywhere and is the oracle in tests.
 
-`prepare` turns the step's block tables into padded gather indices once per step; `forward`
-then does, per layer, one scatter (the new K/V) plus, per group, one gather and one batched
-attention. Sequences are split into two groups: decodes (query length 1) and the rest
-(prefill chunks), so a long prefill does not pad every decode to its query length.
+`prepare` builds, once per step, padded query rows, causal masks and block tables per group of
+sequences; `forward` then does, per layer, one scatter (the new K/V) plus, per group, one K/V
+gather and one batched attention. Sequences are split into two groups: decodes (query length
+1) and the rest (prefill chunks), so a long prefill does not pad every decode to its length.
 Shape letters: b sequences of a group, Q padded query length, P padded key length,
 M block-table columns, G query heads per kv head (H = K * G).
 """

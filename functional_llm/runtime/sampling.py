@@ -80,14 +80,21 @@ def make_sampling_tensors(temperature, top_k, top_p, min_p, seeds, positions,
     for name in ints:
         _check(ints[name] >= 0, name, ints[name], "must be >= 0")
 
-    float_block = torch.from_numpy(np.stack(list(floats.values()))).to(device)
-    int_block = torch.from_numpy(np.stack(list(ints.values()))).to(device)
+    return sampling_from_blocks(np.stack(list(floats.values())), np.stack(list(ints.values())),
+                                device)
+
+
+def sampling_from_blocks(floats: np.ndarray, ints: np.ndarray, device) -> SamplingTensors:
+    """floats [3, B] float32 (temperature, top_p, min_p), ints [3, B] int64 (top_k, seed,
+    position), already validated -> SamplingTensors. The per-step path: two copies, no checks."""
+    float_block = torch.from_numpy(floats).to(device, non_blocking=True)
+    int_block = torch.from_numpy(ints).to(device, non_blocking=True)
     temp_t, top_p_t, min_p_t = float_block.unbind(0)
     top_k_t, seeds_t, positions_t = int_block.unbind(0)
     return SamplingTensors(
         temperature=temp_t, top_k=top_k_t, top_p=top_p_t, min_p=min_p_t,
         seeds=seeds_t, positions=positions_t,
-        greedy_only=bool(np.all(floats["temperature"] == 0)),
+        greedy_only=bool(np.all(floats[0] == 0)),
     )
 
 
@@ -132,14 +139,33 @@ def filter_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     # top-p works on the distribution top-k leaves behind. A token stays while the mass
     # strictly before it is below p, which keeps exactly the smallest prefix reaching p.
     probs = sorted_logits.masked_fill(~keep_k, -math.inf).softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    keep_p = torch.ones_like(keep_k)
+    mass_before = _cumsum_rows(probs) - probs
+    keep_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)
 
     # p_i < m * p_max  <=>  x_i - x_max < log(m); renormalising by the other filters does
     # not change the ratio, so min-p can be tested on the raw scaled logits. log(0) = -inf
     # keeps everything.
     keep_min = (sorted_logits - sorted_logits[:, :1]) >= torch.log(min_p)[:, None]
     return keep_k & keep_p & keep_min
+
+
+_SCAN_CHUNK = 1024
+
+
+def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> cumsum over V, as a scan within chunks plus a scan of chunk totals.
+
+    Why not x.cumsum(-1): Inductor (torch 2.11, CUDA) fails to generate code when a long
+    row scan (its split scan, V ~ 150k) has the softmax fused into it; scans of <= 1024
+    elements compile. V is static under torch.compile, so the shape branch is free."""
+    num_rows, vocab = x.shape
+    if vocab <= 4 * _SCAN_CHUNK:
+        return x.cumsum(dim=-1)
+    padded = torch.nn.functional.pad(x, (0, (-vocab) % _SCAN_CHUNK))
+    within = padded.view(num_rows, -1, _SCAN_CHUNK).cumsum(dim=-1)
+    totals = within[..., -1]
+    before_chunk = totals.cumsum(dim=-1) - totals
+    return (within + before_chunk[..., None]).view(num_rows, -1)[:, :vocab]
 
 
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor,

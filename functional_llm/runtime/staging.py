@@ -8,7 +8,7 @@ import torch
 
 from functional_llm.core.records import Plan, SchedState
 from functional_llm.kernels.base import AttnBatch
-from functional_llm.runtime.sampling import SamplingTensors, make_sampling_tensors
+from functional_llm.runtime.sampling import SamplingTensors, sampling_from_blocks
 
 
 @attrs.frozen(slots=True)
@@ -38,22 +38,22 @@ def stage(state: SchedState, plan: Plan, block_size: int, device) -> StepInputs:
         row_of = np.repeat(np.arange(len(rows)), counts)
         cu = np.concatenate(([0], np.cumsum(counts)))
         positions = np.arange(len(ids)) - cu[row_of] + starts[row_of]
-    width = max(len(s.block_table) for s in rows)
-    tables = np.zeros((len(rows), width), dtype=np.int32)
-    for r, s in enumerate(rows):
-        tables[r, :len(s.block_table)] = s.block_table
+    block_tables = [s.block_table for s in rows]
+    lens = np.fromiter(map(len, block_tables), np.int64, len(rows))
+    tables = np.zeros((len(rows), lens.max()), dtype=np.int32)
+    tables[np.arange(tables.shape[1]) < lens[:, None]] = np.concatenate(block_tables)
     slots = tables[row_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
     seq_lens = starts + counts
     cu_q = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(counts, out=cu_q[1:])
 
     sample_idx = [r for r, smp in enumerate(plan.sample) if smp]
-    params = [rows[r].req.params for r in sample_idx]
-    sampling = make_sampling_tensors(
-        temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
-        top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
-        seeds=[rows[r].req.seed for r in sample_idx], positions=seq_lens[sample_idx],
-        device=device)
+    knobs = [rows[r].req.knobs for r in sample_idx]   # (temperature, top_p, min_p, top_k, seed)
+    floats = np.array([k[:3] for k in knobs], dtype=np.float32).reshape(-1, 3).T
+    ints = np.empty((3, len(knobs)), dtype=np.int64)
+    ints[:2] = np.array([k[3:] for k in knobs], dtype=np.int64).reshape(-1, 2).T
+    ints[2] = seq_lens[sample_idx]  # the sampled token's absolute position keys its noise
+    sampling = sampling_from_blocks(np.ascontiguousarray(floats), ints, device)
 
     def dev(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
