@@ -3,6 +3,7 @@ the Engine. Everything a user can get wrong is checked here or in core.check_req
 the engine state changes."""
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -16,6 +17,7 @@ from functional_llm.core.records import Request, SamplingParams, SchedConfig
 from functional_llm.errors import InvalidConfig, InvalidModel, InvalidPrompt, InvalidSamplingParams
 from functional_llm.kernels import get_backend
 from functional_llm.model.config import load_config
+from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
 from functional_llm.outputs import RequestOutput
 from functional_llm.runtime.engine import DeviceModel, Engine
@@ -48,7 +50,7 @@ class LLM:
         cfg = load_config(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _dtype(dtype, device)
-        params = load_params(path, cfg, dtype, device)
+        params = fuse_params(load_params(path, cfg, dtype, device), cfg)
         self.tokenizer = _tokenizer(path)
         self.model_config, self.seed = cfg, seed
 
@@ -71,6 +73,11 @@ class LLM:
         self.engine = Engine(DeviceModel(params, cfg, get_backend(attention_backend)), kv, sched, device)
         self._next_id = 0
         self._live: dict[str, dict] = {}   # rid -> prompt, prompt ids, generated ids, text state
+        # Long-lived start-up objects (tokenizer, configs, modules) leave the collector's view:
+        # every step allocates fresh immutable records, and full collections would otherwise
+        # keep re-scanning everything loaded above.
+        gc.collect()
+        gc.freeze()
 
     # -- incremental API ----------------------------------------------------------------------
     def add_request(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from functional_llm.errors import InvalidModel
 from functional_llm.kernels.base import AttnBatch
 from functional_llm.kernels.reference import ReferenceBackend
-from functional_llm.model import compute_logits, forward, load_config, load_params, write_params
+from functional_llm.model import compute_logits, forward, fuse_params, load_config, load_params, write_params
 from functional_llm.model.gguf import (DEFAULT_MODEL_DIR, embedded_gguf_path, ensure_default_model,
                                        read_gguf, write_hf_folder)
 from tiny_models import EOS_ID, VARIANTS, make_tiny_model
@@ -87,7 +87,7 @@ def tiny(request, tmp_path_factory):
     folder = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param), seed=3)
     cfg = load_config(folder)
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    return (load_params(folder, cfg, torch.float32, "cpu"), cfg), hf, folder
+    return (fuse_params(load_params(folder, cfg, torch.float32, "cpu"), cfg), cfg), hf, folder
 
 
 def test_config_matches_family(tiny):
@@ -192,7 +192,7 @@ def smollm(tmp_path_factory):
     hf, tokenizer = read_gguf(embedded_gguf_path())
     folder = write_hf_folder(hf, tokenizer, tmp_path_factory.mktemp("cache") / DEFAULT_MODEL_DIR)
     cfg = load_config(folder)
-    model = (load_params(folder, cfg, torch.float32, "cpu"), cfg)
+    model = (fuse_params(load_params(folder, cfg, torch.float32, "cpu"), cfg), cfg)
     return folder, model, hf, AutoTokenizer.from_pretrained(str(folder))
 
 

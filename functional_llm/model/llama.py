@@ -47,13 +47,9 @@ def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
     p = f"model.layers.{layer}.self_attn."
     T, H, K, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def proj(name: str) -> torch.Tensor:
-        bias = params[p + name + ".bias"] if cfg.qkv_bias else None
-        return F.linear(x, params[p + name + ".weight"], bias)
-
-    q = proj("q_proj").view(T, H, D)
-    k = proj("k_proj").view(T, K, D)
-    v = proj("v_proj").view(T, K, D)
+    qkv = F.linear(x, params[p + "qkv_proj.weight"], params.get(p + "qkv_proj.bias"))
+    q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
+    q, k, v = q.view(T, H, D), k.view(T, K, D), v.view(T, K, D)
     if cfg.qk_norm:  # Qwen3: per-head RMSNorm over D, before the rotation
         q = rms_norm(q, params[p + "q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, params[p + "k_norm.weight"], cfg.rms_norm_eps)
@@ -65,14 +61,30 @@ def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
 def mlp(params: dict, layer: int, x: torch.Tensor) -> torch.Tensor:
     """x [T, E] -> [T, E]: down(silu(gate(x)) * up(x))."""
     p = f"model.layers.{layer}.mlp."
-    gate = F.linear(x, params[p + "gate_proj.weight"])
-    up = F.linear(x, params[p + "up_proj.weight"])
+    gate, up = F.linear(x, params[p + "gate_up_proj.weight"]).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, params[p + "down_proj.weight"])
+
+
+def fuse_params(params: dict, cfg: ModelConfig) -> dict:
+    """A new dict in which each layer's q/k/v projections are one `qkv_proj` and gate/up one
+    `gate_up_proj` (rows concatenated), so a layer reads its input once per matmul group: 4
+    matmuls instead of 7. Applied after loading (and after sharding: each rank's slices
+    concatenate the same way). The argument is not modified."""
+    out = dict(params)
+    for i in range(cfg.num_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            parts = [out.pop(f"{a}{n}_proj.{kind}") for n in "qkv"]
+            out[f"{a}qkv_proj.{kind}"] = torch.cat(parts, dim=0)
+        out[m + "gate_up_proj.weight"] = torch.cat([out.pop(m + "gate_proj.weight"),
+                                                     out.pop(m + "up_proj.weight")], dim=0)
+    return out
 
 
 def forward(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor,
             batch: AttnBatch, kv: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-    """input_ids [T] int64, positions [T] int64 (absolute), batch prepared by `backend`,
+    """params: fuse_params(load_params(...)). input_ids [T] int64, positions [T] int64
+    (absolute), batch prepared by `backend`,
     kv [L, 2, N, S, K, D] -> final-normed hidden [T, E]. Mutates only kv (new tokens' K/V)."""
     x = F.embedding(input_ids, params["model.embed_tokens.weight"])          # [T, E]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
