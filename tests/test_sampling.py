@@ -360,3 +360,19 @@ def test_sampled_token_survives_every_filter(rows):
                             top_p32[i], min_p32[i])
         drawn = set(tokens[b].tolist())
         assert drawn <= ok, (b, sorted(drawn - ok), sorted(ok))
+
+
+def test_unfiltered_fast_path_draws_the_same_tokens_as_the_sorted_path():
+    """With no top-k/top-p/min-p the sampler skips the sort; the noise is keyed by vocab id,
+    so both paths must pick the same token for every row."""
+    import attrs
+    g = torch.Generator().manual_seed(0)
+    B, V = 64, 500
+    logits = torch.randn(B, V, generator=g) * 3
+    st = make_sampling_tensors(temperature=[0.7] * (B - 1) + [0.0], top_k=[0] * B, top_p=[1.0] * B,
+                               min_p=[0.0] * B, seeds=list(range(B)), positions=[5] * B, device="cpu")
+    assert st.unfiltered
+    fast = sample(logits, st)
+    slow = sample(logits, attrs.evolve(st, unfiltered=False))
+    assert torch.equal(fast, slow)
+    assert len(set(fast.tolist())) > B // 2          # really sampled, not a constant

@@ -54,6 +54,7 @@ class SamplingTensors:
     seeds: torch.Tensor        # [B] int64 in [0, 2**63)
     positions: torch.Tensor    # [B] int64 >= 0: absolute position of the token being sampled
     greedy_only: bool          # host flag: every temperature is 0, so no sort and no noise
+    unfiltered: bool = False   # host flag: no top-k/top-p/min-p in the batch, so no sort
 
 
 def make_sampling_tensors(temperature, top_k, top_p, min_p, seeds, positions,
@@ -95,6 +96,7 @@ def sampling_from_blocks(floats: np.ndarray, ints: np.ndarray, device) -> Sampli
         temperature=temp_t, top_k=top_k_t, top_p=top_p_t, min_p=min_p_t,
         seeds=seeds_t, positions=positions_t,
         greedy_only=bool(np.all(floats[0] == 0)),
+        unfiltered=bool(np.all(ints[0] == 0) and np.all(floats[1] >= 1) and np.all(floats[2] <= 0)),
     )
 
 
@@ -116,6 +118,10 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     # discarded by the final where.
     temperature = torch.where(is_greedy, torch.ones_like(st.temperature), st.temperature)
     scaled = logits.float() / temperature[:, None]
+    if st.unfiltered:  # the filters would keep everything: Gumbel-max over the vocab, no sort
+        columns = torch.arange(scaled.shape[-1], device=scaled.device).expand_as(scaled)
+        drawn = (scaled + gumbel_noise(st.seeds, st.positions, columns)).argmax(dim=-1)
+        return torch.where(is_greedy, greedy, drawn)
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
     keep = filter_mask(sorted_logits, st.top_k, st.top_p, st.min_p)
     filtered = sorted_logits.masked_fill(~keep, -math.inf)

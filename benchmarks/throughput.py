@@ -1,0 +1,135 @@
+"""The headline offline-throughput workload (BENCHMARK.md) on a GPU.
+
+Qwen3-0.6B architecture with random bf16 weights, written as an HF folder (config.json +
+model.safetensors) and loaded through the normal loader. 256 requests, prompt lengths
+100..1024, output lengths 100..1024 (random.seed(0)), temperature 0.6, ignore_eos.
+
+    python benchmarks/throughput.py [--backend triton] [--num-seqs 256] [--block-size 16]
+                                    [--enforce-eager] [--hf]
+Prints one JSON line: output tokens, seconds, tok/s, copy bandwidth, floor and % of floor.
+"""
+import argparse
+import json
+import random
+import tempfile
+import time
+
+import torch
+
+QWEN3_06B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024,
+                 intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+                 rope_theta=1000000, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                 attention_bias=False, hidden_act="silu", eos_token_id=151645, bos_token_id=151643,
+                 torch_dtype="bfloat16")
+
+
+def workload(num_seqs):
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))]
+               for _ in range(num_seqs)]
+    return prompts, [random.randint(100, 1024) for _ in range(num_seqs)]
+
+
+def random_model(folder) -> str:
+    """Random bf16 weights for every parameter the spec lists, saved as an HF folder."""
+    from functional_llm.model.config import load_config
+    from functional_llm.model.loader import write_params
+    from functional_llm.model.spec import param_specs
+    with open(f"{folder}/config.json", "w") as f:
+        json.dump(QWEN3_06B, f)
+    cfg = load_config(folder)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    params = {}
+    for name, spec in param_specs(cfg).items():
+        if spec.dtype_role == "norm":
+            t = torch.ones(spec.shape, device="cuda")
+        else:
+            t = torch.randn(spec.shape, device="cuda", generator=g) * 0.02
+        params[name] = t.to(torch.bfloat16).cpu()
+    write_params(folder, params)
+    return folder
+
+
+def copy_bandwidth(nbytes=2 << 30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
+def floor_seconds(prompts, outs, bandwidth, kv_bytes=2, weight_bytes=2) -> float:
+    """Bytes that decode must move at least (KV reads + weight reads + KV writes) / bandwidth."""
+    c = QWEN3_06B
+    per_token = c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * c["head_dim"] * kv_bytes
+    kv_read = sum(len(p) * o + o * (o - 1) // 2 for p, o in zip(prompts, outs)) * per_token
+    E, F, D = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    layer = 2 * E * c["num_attention_heads"] * D + 2 * E * c["num_key_value_heads"] * D + 3 * E * F
+    n_params = c["num_hidden_layers"] * layer + c["vocab_size"] * E
+    kv_write = (sum(map(len, prompts)) + sum(outs)) * per_token
+    return (kv_read + max(outs) * n_params * weight_bytes + kv_write) / bandwidth
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--kv-dtype", default=None, help="(8-bit KV cache: not implemented yet)")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--hf", action="store_true", help="also time HF generate on 16 requests")
+    args = ap.parse_args()
+    from functional_llm import LLM, SamplingParams
+
+    bandwidth = copy_bandwidth()
+    prompts, outs = workload(args.num_seqs)
+    floor = floor_seconds(prompts, outs, bandwidth)
+    folder = random_model(tempfile.mkdtemp(prefix="qwen3-0.6b-random-"))
+    llm = LLM(folder, attention_backend=args.backend, block_size=args.block_size, max_model_len=4096)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in outs]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)       # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    n_out = sum(len(r.token_ids) for r in results)
+    report = dict(engine="functional_llm", backend=args.backend, block_size=args.block_size,
+                  gpu=torch.cuda.get_device_name(0), output_tokens=n_out, seconds=round(dt, 3),
+                  tok_s=round(n_out / dt), copy_bw_TBs=round(bandwidth / 1e12, 3),
+                  floor_s=round(floor, 3), pct_of_floor=round(100 * floor / dt, 1),
+                  steps=llm.counters["steps"], preemptions=llm.counters["preemptions"])
+    if args.hf:
+        report["hf_tok_s"] = round(hf_generate(folder, prompts[:16], outs[:16]))
+    print(json.dumps(report), flush=True)
+
+
+def hf_generate(folder, prompts, outs) -> float:
+    """Hugging Face padded generate on the same requests (same sampling temperature)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    width, new = max(map(len, prompts)), max(outs)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = (torch.arange(width, device="cuda")[None] >= torch.tensor([width - len(p) for p in prompts],
+                                                                      device="cuda")[:, None]).long()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                   do_sample=True, temperature=0.6, pad_token_id=0)
+    torch.cuda.synchronize()
+    return sum(outs) / (time.perf_counter() - t)   # useful tokens only: padding work is waste
+
+
+if __name__ == "__main__":
+    main()

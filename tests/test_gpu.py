@@ -1,0 +1,74 @@
+"""GPU correctness (skipped without CUDA): greedy tokens vs Hugging Face in fp32, bf16 logits
+within tolerance, and I10 (a seeded request alone vs in a batch) per attention backend."""
+import pytest
+import torch
+
+from functional_llm import LLM, SamplingParams
+from functional_llm.kernels import available_backends
+from tests.tiny_models import make_tiny_model
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+BACKENDS = [b for b in ("reference", "triton") if b in available_backends()]
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("gpu-q3"), seed=2)
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 250, (int(torch.randint(5, 60, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_fp32_matches_transformers_for_64_tokens(qwen3, backend):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(qwen3), dtype=torch.float32).cuda().eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ps = prompts(4)
+    llm = LLM(str(qwen3), device="cuda", dtype="float32", attention_backend=backend, block_size=16)
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(ps, outs):
+        want = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=64, min_new_tokens=64,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+        assert list(o.token_ids) == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeded_request_alone_equals_in_batch(qwen3, backend):
+    """I10 on the GPU. Holds exactly here because the tiny model's matmuls take the same
+    kernels whatever the batch; at real sizes cuBLAS may pick other tiles per batch size, so
+    exact equality there needs a batch-invariant mode (not built yet)."""
+    ps = prompts(6, seed=1)
+    sp = [SamplingParams(temperature=0.8, seed=10 + i, max_tokens=32, ignore_eos=True) for i in range(6)]
+    llm = LLM(str(qwen3), device="cuda", dtype="float32", attention_backend=backend, block_size=16)
+    batch = llm.generate(ps, sp, use_tqdm=False)
+    alone = [llm.generate(p, s, use_tqdm=False)[0] for p, s in zip(ps, sp)]
+    assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+
+
+def test_bf16_logits_close_to_fp32(qwen3):
+    from functional_llm.kernels import get_backend
+    from functional_llm.kernels.base import AttnBatch
+    from functional_llm.model import compute_logits, forward, fuse_params, load_config, load_params
+    cfg = load_config(qwen3)
+    ids = torch.tensor(prompts(1, seed=3)[0], device="cuda")
+    T = len(ids)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        params = fuse_params(load_params(qwen3, cfg, dtype, "cuda"), cfg)
+        S, N = 16, (T + 15) // 16
+        kv = torch.zeros(cfg.num_layers, 2, N, S, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device="cuda")
+        i32 = dict(dtype=torch.int32, device="cuda")
+        batch = AttnBatch(slot_mapping=torch.arange(T, device="cuda"), cu_q=torch.tensor([0, T], **i32),
+                          seq_lens=torch.tensor([T], **i32), block_tables=torch.arange(N, **i32)[None],
+                          max_q=T, max_seq_len=T)
+        backend = get_backend("reference")
+        hidden = forward(params, cfg, ids, torch.arange(T, device="cuda"), backend.prepare(batch), kv, backend)
+        logits[dtype] = compute_logits(params, cfg, hidden)
+    ref, got = logits[torch.float32], logits[torch.bfloat16]
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
