@@ -4,6 +4,7 @@ inputs (no model). Target (ARCHITECTURE.md): <= 2 ms on the 2-core development m
     python benchmarks/host_step.py [--seqs 256] [--steps 200]
 """
 import argparse
+import gc
 import random
 import time
 
@@ -31,6 +32,8 @@ def main():
         st = S.admit(st, cfg, Request(f"r{i}", prompt, params, i, i))
     st, plan = S.schedule(st, cfg)                      # the prefill step
     st, _ = C.commit(st, cfg, plan, [1] * len(plan.rids))
+    gc.collect()
+    gc.freeze()   # as LLM does after start-up
     times = {"schedule": [], "stage": [], "commit": []}
     for _ in range(args.steps):
         t0 = time.perf_counter()

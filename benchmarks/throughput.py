@@ -38,6 +38,7 @@ def random_model(folder) -> str:
     from functional_llm.model.spec import param_specs
     with open(f"{folder}/config.json", "w") as f:
         json.dump(QWEN3_06B, f)
+    write_params(folder, {})         # a valid, empty weights file so the config can be read
     cfg = load_config(folder)
     g = torch.Generator(device="cuda").manual_seed(0)
     params = {}
@@ -83,9 +84,9 @@ def floor_seconds(prompts, outs, bandwidth, kv_bytes=2, weight_bytes=2) -> float
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--backend", default=None, help="default: the best available")
     ap.add_argument("--num-seqs", type=int, default=256)
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=None, help="default: the backend's choice")
     ap.add_argument("--kv-dtype", default=None, help="(8-bit KV cache: not implemented yet)")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also time HF generate on 16 requests")
@@ -96,16 +97,20 @@ def main():
     prompts, outs = workload(args.num_seqs)
     floor = floor_seconds(prompts, outs, bandwidth)
     folder = random_model(tempfile.mkdtemp(prefix="qwen3-0.6b-random-"))
-    llm = LLM(folder, attention_backend=args.backend, block_size=args.block_size, max_model_len=4096)
+    llm = LLM(folder, attention_backend=args.backend, block_size=args.block_size, max_model_len=4096,
+              enforce_eager=args.enforce_eager)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in outs]
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)       # warm-up
+    # warm-up: batch sizes shrink from 256 to 1, so every decode graph bucket gets captured
+    warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1 + i % 64) for i in range(len(outs))]
+    llm.generate([[20000 + t for t in p[:64]] for p in prompts], warm, use_tqdm=False)  # no shared prefix
     torch.cuda.synchronize()
     t = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     n_out = sum(len(r.token_ids) for r in results)
-    report = dict(engine="functional_llm", backend=args.backend, block_size=args.block_size,
+    report = dict(engine="functional_llm", backend=llm.engine.model.backend.name,
+                  block_size=llm.engine.sched.block_size, cuda_graphs=llm.engine.graphs is not None,
                   gpu=torch.cuda.get_device_name(0), output_tokens=n_out, seconds=round(dt, 3),
                   tok_s=round(n_out / dt), copy_bw_TBs=round(bandwidth / 1e12, 3),
                   floor_s=round(floor, 3), pct_of_floor=round(100 * floor / dt, 1),

@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 
 from functional_llm.core.records import Request, SamplingParams, SchedConfig
 from functional_llm.errors import InvalidConfig, InvalidModel, InvalidPrompt, InvalidSamplingParams
-from functional_llm.kernels import get_backend
+from functional_llm.kernels import default_backend, get_backend
 from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
 from functional_llm.outputs import RequestOutput
 from functional_llm.runtime.engine import DeviceModel, Engine
+from functional_llm.runtime.sampling import gumbel_argmax
 
 DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste on CPU
 CPU_KV_BYTES = 2 << 30           # default KV pool budget on CPU
@@ -39,7 +40,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: Optional[int] = None,
                  block_size: Optional[int] = None, num_kv_blocks: Optional[int] = None,
                  enable_prefix_caching: bool = True, dtype: Optional[str] = None,
-                 device: Optional[str] = None, seed: int = 0, attention_backend: str = "reference"):
+                 device: Optional[str] = None, seed: int = 0,
+                 attention_backend: Optional[str] = None, enforce_eager: bool = False):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "num_kv_blocks"):
             _positive(name, locals()[name])
@@ -54,7 +56,13 @@ class LLM:
         self.tokenizer = _tokenizer(path)
         self.model_config, self.seed = cfg, seed
 
-        block_size = block_size or DEFAULT_BLOCK_SIZE
+        backend = (get_backend(attention_backend) if attention_backend
+                   else default_backend(device.type, dtype))
+        if backend.name == "flash" and dtype == torch.float32:
+            raise InvalidConfig("attention_backend", "flash", "flash-attn needs dtype bfloat16 or float16")
+        # flash-attn 4's fast paged path reads whole 128-token pages; elsewhere 16 keeps prefix
+        # reuse fine-grained and tail waste small
+        block_size = block_size or (128 if backend.name == "flash" else DEFAULT_BLOCK_SIZE)
         max_model_len = max_model_len or cfg.max_position_embeddings
         per_block = cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
         if num_kv_blocks is None:
@@ -63,14 +71,19 @@ class LLM:
             else:
                 budget = CPU_KV_BYTES
             num_kv_blocks = max(1, int(budget // per_block))
-        kv = torch.zeros(cfg.num_layers, 2, num_kv_blocks, block_size, cfg.num_kv_heads,
-                         cfg.head_dim, dtype=dtype, device=device)
+        # CUDA graphs (decode) and a compiled sampler on GPUs, unless enforce_eager
+        graphs = device.type == "cuda" and not enforce_eager and getattr(backend, "capturable", False)
+        kv = torch.zeros(cfg.num_layers, 2, num_kv_blocks + graphs, block_size, cfg.num_kv_heads,
+                         cfg.head_dim, dtype=dtype, device=device)   # zeroed: see kernels/flash.py
         sched = SchedConfig(block_size=block_size, num_blocks=num_kv_blocks,
                             max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens or max(8192, block_size),
                             max_model_len=max_model_len, eos_token_ids=tuple(cfg.eos_token_ids),
                             enable_prefix_caching=enable_prefix_caching)
-        self.engine = Engine(DeviceModel(params, cfg, get_backend(attention_backend)), kv, sched, device)
+        model_fns = DeviceModel(params, cfg, backend)
+        if device.type == "cuda" and not enforce_eager:
+            model_fns = attrs.evolve(model_fns, argmax_fn=torch.compile(gumbel_argmax, dynamic=True))
+        self.engine = Engine(model_fns, kv, sched, device, cuda_graphs=graphs)
         self._next_id = 0
         self._live: dict[str, dict] = {}   # rid -> prompt, prompt ids, generated ids, text state
         # Long-lived start-up objects (tokenizer, configs, modules) leave the collector's view:

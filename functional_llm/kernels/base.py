@@ -49,7 +49,10 @@ class AttentionBackend(Protocol):
 
 _REGISTRY: dict[str, str] = {
     "reference": "functional_llm.kernels.reference:ReferenceBackend",
+    "flash": "functional_llm.kernels.flash:FlashBackend",
 }
+# best first: what `attention_backend=None` picks on a GPU (the CPU always gets "reference")
+_PREFERENCE = ("flash", "triton", "reference")
 
 
 def available_backends() -> list[str]:
@@ -64,4 +67,24 @@ def get_backend(name: str) -> AttentionBackend:
     if name not in _REGISTRY:
         raise InvalidConfig("attention_backend", name, f"known backends: {available_backends()}")
     module, cls = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    try:
+        return getattr(importlib.import_module(module), cls)()
+    except ImportError as e:
+        raise InvalidConfig("attention_backend", name, f"not usable here: {e}") from e
+
+
+def default_backend(device_type: str, dtype: torch.dtype) -> AttentionBackend:
+    """The best backend that loads on this machine and serves this dtype."""
+    from functional_llm.errors import InvalidConfig
+
+    if device_type != "cuda":
+        return get_backend("reference")
+    for name in _PREFERENCE:
+        if name == "flash" and dtype == torch.float32:
+            continue  # flash-attn computes in fp16/bf16 only
+        if name in _REGISTRY:
+            try:
+                return get_backend(name)
+            except InvalidConfig:
+                continue
+    return get_backend("reference")

@@ -3,16 +3,25 @@
 Numerics follow the Hugging Face implementations so fp32 logits agree to ~1e-5: RMSNorm in
 fp32 then cast back before the weight multiply, RoPE angles in fp32 with the rotate-half
 layout, SiLU-gated MLP. The only in-place effect is the backend writing new K/V into `kv`.
+Tensor parallelism (model/sharding.py) is explicit: with a Mesh of world > 1 the forward
+all-reduces the partial sums of o_proj and down_proj and of the vocab-parallel embedding, and
+compute_logits all-gathers the vocab slices; with no mesh or world 1 nothing is communicated.
 Shape letters: T tokens of the step, B rows to score, E hidden, H/K heads, D head dim, V vocab,
 L layers, N blocks, S block size.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from functional_llm.kernels.base import AttentionBackend, AttnBatch
 from functional_llm.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from functional_llm.model.sharding import Mesh
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,10 +49,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def all_reduce(x: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
+    """Sum x over the ranks of `mesh`, in place (x is a fresh activation no one else holds);
+    returns x. No-op with no mesh or one rank."""
+    if mesh is not None and mesh.world > 1:
+        dist.all_reduce(x, group=mesh.group)
+    return x
+
+
+def embed(params: dict, cfg: ModelConfig, input_ids: torch.Tensor,
+          mesh: Mesh | None) -> torch.Tensor:
+    """input_ids [T] -> [T, E]. A rank holding V/world rows (vocab-parallel) owns ids
+    [rank * rows, (rank + 1) * rows): others look up row 0 and are zeroed, so the all-reduce
+    adds exactly one real row per token."""
+    table = params["model.embed_tokens.weight"]
+    rows = table.shape[0]
+    if rows == cfg.vocab_size:
+        return F.embedding(input_ids, table)
+    assert mesh is not None, "vocab-parallel params need their mesh"
+    local = input_ids - mesh.rank * rows
+    outside = (local < 0) | (local >= rows)
+    x = F.embedding(local.masked_fill(outside, 0), table).masked_fill(outside[:, None], 0)
+    return all_reduce(x, mesh)
+
+
 def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
               cos: torch.Tensor, sin: torch.Tensor, batch: AttnBatch, kv: torch.Tensor,
-              backend: AttentionBackend) -> torch.Tensor:
-    """x [T, E] (already normed) -> [T, E]. Writes this step's K/V into kv[layer]."""
+              backend: AttentionBackend, mesh: Mesh | None = None) -> torch.Tensor:
+    """x [T, E] (already normed) -> [T, E]. Writes this step's K/V into kv[layer]. H and K
+    are the rank's heads (cfg_for_rank); o_proj then yields a partial sum over them."""
     p = f"model.layers.{layer}.self_attn."
     T, H, K, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -55,14 +89,14 @@ def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
         k = rms_norm(k, params[p + "k_norm.weight"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = backend.forward(q, k, v, kv[layer, 0], kv[layer, 1], batch, D ** -0.5)  # [T, H, D]
-    return F.linear(out.reshape(T, H * D), params[p + "o_proj.weight"])
+    return all_reduce(F.linear(out.reshape(T, H * D), params[p + "o_proj.weight"]), mesh)
 
 
-def mlp(params: dict, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """x [T, E] -> [T, E]: down(silu(gate(x)) * up(x))."""
+def mlp(params: dict, layer: int, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
+    """x [T, E] -> [T, E]: down(silu(gate(x)) * up(x)), summed over the ranks' ffw slices."""
     p = f"model.layers.{layer}.mlp."
     gate, up = F.linear(x, params[p + "gate_up_proj.weight"]).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, params[p + "down_proj.weight"])
+    return all_reduce(F.linear(F.silu(gate) * up, params[p + "down_proj.weight"]), mesh)
 
 
 def fuse_params(params: dict, cfg: ModelConfig) -> dict:
@@ -82,22 +116,35 @@ def fuse_params(params: dict, cfg: ModelConfig) -> dict:
 
 
 def forward(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor,
-            batch: AttnBatch, kv: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+            batch: AttnBatch, kv: torch.Tensor, backend: AttentionBackend,
+            mesh: Mesh | None = None) -> torch.Tensor:
     """params: fuse_params(load_params(...)). input_ids [T] int64, positions [T] int64
     (absolute), batch prepared by `backend`,
-    kv [L, 2, N, S, K, D] -> final-normed hidden [T, E]. Mutates only kv (new tokens' K/V)."""
-    x = F.embedding(input_ids, params["model.embed_tokens.weight"])          # [T, E]
+    kv [L, 2, N, S, K, D] -> final-normed hidden [T, E]. Mutates only kv (new tokens' K/V).
+    Tensor parallel: params of this rank (fuse_params(load_params_sharded(...))), cfg =
+    cfg_for_rank(...) (K is then the rank's kv heads), and its mesh; every rank runs the same
+    step and gets the same hidden."""
+    x = embed(params, cfg, input_ids, mesh)                                  # [T, E]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     eps = cfg.rms_norm_eps
     for i in range(cfg.num_layers):
         h = rms_norm(x, params[f"model.layers.{i}.input_layernorm.weight"], eps)
-        x = x + attention(params, cfg, i, h, cos, sin, batch, kv, backend)
+        x = x + attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh)
         h = rms_norm(x, params[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
-        x = x + mlp(params, i, h)
+        x = x + mlp(params, i, h, mesh)
     return rms_norm(x, params["model.norm.weight"], eps)
 
 
-def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [B, E] -> logits [B, V] float32 (a tied head reuses the embedding matrix)."""
+def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor,
+                   mesh: Mesh | None = None) -> torch.Tensor:
+    """hidden [B, E] -> logits [B, V] float32 (a tied head reuses the embedding matrix). A
+    vocab-parallel head scores the rank's V/world slice; the slices are all-gathered in rank
+    order, so every rank returns the whole [B, V]."""
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    return F.linear(hidden, params[name]).float()
+    logits = F.linear(hidden, params[name])
+    if logits.shape[-1] != cfg.vocab_size:
+        assert mesh is not None, "vocab-parallel params need their mesh"
+        parts = [torch.empty_like(logits) for _ in range(mesh.world)]
+        dist.all_gather(parts, logits, group=mesh.group)
+        logits = torch.cat(parts, dim=-1)
+    return logits.float()

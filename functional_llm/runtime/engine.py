@@ -12,8 +12,9 @@ import torch
 from functional_llm.core import commit as C
 from functional_llm.core import scheduler as S
 from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, new_state
-from functional_llm.runtime.sampling import sample
-from functional_llm.runtime.staging import StepInputs, stage
+from functional_llm.runtime.graphs import DecodeGraphs
+from functional_llm.runtime.sampling import gumbel_argmax, sample
+from functional_llm.runtime.staging import StepInputs, stage_host, to_device
 from functional_llm.model.llama import compute_logits, forward
 
 
@@ -24,6 +25,7 @@ class DeviceModel:
     params: dict
     cfg: object
     backend: object
+    argmax_fn: object = gumbel_argmax    # a torch.compile'd copy on GPUs
 
 
 def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -33,16 +35,29 @@ def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> tor
     hidden = forward(model.params, model.cfg, inputs.input_ids, inputs.positions, attn, kv,
                      model.backend)
     logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows.long()])
-    return sample(logits, inputs.sampling)
+    return sample(logits, inputs.sampling, model.argmax_fn)
 
 
 class Engine:
     """Incremental API: add_request / step / abort. Not thread-safe (one caller drives it)."""
 
-    def __init__(self, model: DeviceModel, kv: torch.Tensor, sched: SchedConfig, device):
+    def __init__(self, model: DeviceModel, kv: torch.Tensor, sched: SchedConfig, device,
+                 cuda_graphs: bool = False):
+        """cuda_graphs: replay decode steps from CUDA graphs; kv then holds one extra block
+        past the pool (index sched.num_blocks) that padded graph rows write into."""
         self.model, self.kv, self.sched, self.device = model, kv, sched, device
         self.state = new_state(sched)
         self._arrivals = 0
+        self.graphs = None
+        if cuda_graphs:
+            assert kv.shape[2] == sched.num_blocks + 1, "graphs need the scratch block"
+            self.graphs = DecodeGraphs(self._graph_step, sched.max_num_seqs,
+                                       -(-sched.max_model_len // sched.block_size), sched.num_blocks,
+                                       sched.block_size, sched.max_model_len, device)
+
+    def _graph_step(self, inputs: StepInputs) -> torch.Tensor:
+        with torch.inference_mode():
+            return device_step(self.model, self.kv, inputs)
 
     # -- inputs from outside core ---------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -71,8 +86,11 @@ class Engine:
         if not plan.rids:
             self.state = state
             return Deltas()
-        inputs = stage(state, plan, self.sched.block_size, self.device)
-        with torch.inference_mode():
-            tokens = device_step(self.model, self.kv, inputs).tolist()
+        host = stage_host(state, plan, self.sched.block_size)
+        if self.graphs is not None and self.graphs.fits(host):
+            tokens = self.graphs.run(host).tolist()
+        else:
+            with torch.inference_mode():
+                tokens = device_step(self.model, self.kv, to_device(host, self.device)).tolist()
         self.state, deltas = C.commit(state, self.sched, plan, tokens)
         return deltas

@@ -22,7 +22,29 @@ class StepInputs:
     sampling: SamplingTensors    # [Bs] per sampling row
 
 
-def stage(state: SchedState, plan: Plan, block_size: int, device) -> StepInputs:
+@attrs.frozen(slots=True)
+class HostInputs:
+    """The step's inputs as host arrays (what `to_device` copies, or the decode graphs copy
+    into their static buffers)."""
+
+    ids: np.ndarray            # [T] int64
+    positions: np.ndarray      # [T] int64
+    slots: np.ndarray          # [T] int64
+    cu_q: np.ndarray           # [B+1] int32
+    seq_lens: np.ndarray       # [B] int32
+    tables: np.ndarray         # [B, M] int32
+    sample_rows: np.ndarray    # [Bs] int64
+    floats: np.ndarray         # [3, Bs] float32: temperature, top_p, min_p
+    ints: np.ndarray           # [3, Bs] int64: top_k, seed, position
+    max_q: int
+
+    @property
+    def is_decode(self) -> bool:
+        """One token per row, every row sampled: the shape CUDA graphs are captured for."""
+        return self.max_q == 1 and len(self.sample_rows) == len(self.seq_lens)
+
+
+def stage_host(state: SchedState, plan: Plan, block_size: int) -> HostInputs:
     """Build the step's inputs from the post-schedule state (block tables are allocated)."""
     seqs = state.seqs
     starts = np.asarray(plan.starts, dtype=np.int64)
@@ -49,15 +71,24 @@ def stage(state: SchedState, plan: Plan, block_size: int, device) -> StepInputs:
 
     sample_idx = [r for r, smp in enumerate(plan.sample) if smp]
     knobs = [rows[r].req.knobs for r in sample_idx]   # (temperature, top_p, min_p, top_k, seed)
-    floats = np.array([k[:3] for k in knobs], dtype=np.float32).reshape(-1, 3).T
+    floats = np.ascontiguousarray(np.array([k[:3] for k in knobs], dtype=np.float32).reshape(-1, 3).T)
     ints = np.empty((3, len(knobs)), dtype=np.int64)
     ints[:2] = np.array([k[3:] for k in knobs], dtype=np.int64).reshape(-1, 2).T
     ints[2] = seq_lens[sample_idx]  # the sampled token's absolute position keys its noise
-    sampling = sampling_from_blocks(np.ascontiguousarray(floats), ints, device)
+    return HostInputs(ids, positions, slots, cu_q, seq_lens.astype(np.int32), tables,
+                      (cu_q[1:][sample_idx] - 1).astype(np.int64), floats, ints, int(counts.max()))
 
+
+def to_device(h: HostInputs, device) -> StepInputs:
     def dev(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
 
-    attn = AttnBatch(slot_mapping=dev(slots), cu_q=dev(cu_q), seq_lens=dev(seq_lens.astype(np.int32)),
-                     block_tables=dev(tables), max_q=int(counts.max()), max_seq_len=int(seq_lens.max()))
-    return StepInputs(dev(ids), dev(positions), attn, dev(cu_q[1:][sample_idx] - 1), sampling)
+    attn = AttnBatch(slot_mapping=dev(h.slots), cu_q=dev(h.cu_q), seq_lens=dev(h.seq_lens),
+                     block_tables=dev(h.tables), max_q=h.max_q, max_seq_len=int(h.seq_lens.max()))
+    return StepInputs(dev(h.ids), dev(h.positions), attn, dev(h.sample_rows),
+                      sampling_from_blocks(h.floats, h.ints, device))
+
+
+def stage(state: SchedState, plan: Plan, block_size: int, device) -> StepInputs:
+    """stage_host + to_device: the eager path."""
+    return to_device(stage_host(state, plan, block_size), device)

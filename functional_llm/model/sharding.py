@@ -1,0 +1,214 @@
+"""Tensor-parallel layout: which dimension of each parameter a rank holds, the pure slicing that
+produces a rank's parameters, and a loader that reads only those slices from safetensors.
+
+The layout (the one `llama.forward` implements, DEFAULT_RULES): q/k/v and gate/up are split by
+output features (heads, kv heads, ffw), so o_proj and down_proj are split by input features and
+each rank's output is a partial sum that the forward all-reduces; the embedding and the head are
+split by vocabulary rows; norms and anything on the "embed" axis are replicated.
+
+Every split cuts a dimension into `world` equal contiguous chunks, rank r holding chunk r, in
+whole units: one head (head_dim rows) on the "heads"/"kv_heads" axes, one row elsewhere.
+
+Fewer kv heads than ranks (K < world, e.g. MQA on 2 ranks) cannot be split without cutting a
+head, so kv heads are replicated in groups: world must be a multiple of K and rank r keeps the
+one kv head r * K // world. That is exactly the head its queries read: rank r holds q heads
+[r*H/world, (r+1)*H/world), q head h reads kv head h // (H/K), and since H/K = (H/world) *
+(world/K) all of the rank's q heads fall in kv group (r*H/world) // (H/K) = r*K//world. Each
+rank therefore computes and caches one kv head (its KV pool holds K_rank = 1 head); world/K
+ranks repeat the same k/v projection, which costs compute but no communication.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import attrs
+import torch
+from safetensors import safe_open
+
+from functional_llm.errors import InvalidConfig, InvalidModel
+from functional_llm.model.config import ModelConfig
+from functional_llm.model.loader import weight_files
+from functional_llm.model.spec import ParamSpec, param_specs
+
+TP = "tp"                                   # the one mesh axis: tensor parallel
+AXES = ("heads", "kv_heads", "ffw", "vocab", "embed")
+_HEAD_AXES = ("heads", "kv_heads")          # counted in heads of head_dim features
+
+
+def _placement(instance, attribute, value) -> None:
+    if value not in (TP, None):
+        raise InvalidConfig(attribute.name, value, f"a logical axis maps to {TP!r} (split over "
+                            "the tensor-parallel ranks) or None (replicated)")
+
+
+@attrs.frozen(slots=True)
+class ShardingRules:
+    """Logical axis -> TP (split over the ranks) or None (replicated on every rank)."""
+
+    heads: str | None = attrs.field(default=TP, validator=_placement)
+    kv_heads: str | None = attrs.field(default=TP, validator=_placement)
+    ffw: str | None = attrs.field(default=TP, validator=_placement)
+    vocab: str | None = attrs.field(default=TP, validator=_placement)
+    embed: str | None = attrs.field(default=None, validator=_placement)
+
+    def placement(self, axis: str | None) -> str | None:
+        """TP or None for one axis of a ParamSpec (None, the "never split" axis, is None)."""
+        if axis is None:
+            return None
+        if axis not in AXES:
+            raise InvalidConfig("axis", axis, f"unknown logical axis; known: {list(AXES)}")
+        return getattr(self, axis)
+
+
+DEFAULT_RULES = ShardingRules()
+
+
+def _check_rank(rank: int, world: int) -> None:
+    if not isinstance(world, int) or world < 1:
+        raise InvalidConfig("world", world, "the tensor-parallel size must be a positive int")
+    if not isinstance(rank, int) or not 0 <= rank < world:
+        raise InvalidConfig("rank", rank, f"must be an int in [0, {world})")
+
+
+@attrs.frozen(slots=True)
+class Mesh:
+    """This process's place among the tensor-parallel ranks, passed explicitly to the forward.
+    `group` is a torch.distributed process group; None means the default group, and with world
+    1 no collective is ever issued, so no process group need exist."""
+
+    rank: int = 0
+    world: int = 1
+    group: object = attrs.field(default=None, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _check_rank(self.rank, self.world)
+
+
+def _unit(axis: str, head_dim: int) -> int:
+    return head_dim if axis in _HEAD_AXES else 1
+
+
+def shard_spec(specs: dict[str, ParamSpec], rules: ShardingRules, world: int, *,
+               head_dim: int) -> dict[str, int | None]:
+    """For each parameter, the dimension split over the ranks, or None when it is replicated.
+    head_dim is needed because heads are never cut: a "heads" dimension of H*D features is split
+    by heads. Raises InvalidConfig naming the tensor (value: the offending count) when the rules
+    split two dimensions of one tensor, or a head count, ffw size or vocabulary is not divisible
+    by world (kv heads may instead divide world: see the module docstring)."""
+    _check_rank(0, world)
+    plan: dict[str, int | None] = {}
+    for name, spec in specs.items():
+        dims = [d for d, axis in enumerate(spec.axes) if rules.placement(axis) == TP]
+        if len(dims) > 1:
+            split = [spec.axes[d] for d in dims]
+            raise InvalidConfig(name, spec.axes, f"the rules split axes {split} of this one "
+                                "tensor; at most one dimension per tensor can be split")
+        if not dims:
+            plan[name] = None
+            continue
+        dim, = dims
+        axis = spec.axes[dim]
+        unit = _unit(axis, head_dim)
+        if spec.shape[dim] % unit:
+            raise InvalidConfig(name, spec.shape[dim], f"{axis} dimension is not a whole number "
+                                f"of heads of head_dim {unit}")
+        count = spec.shape[dim] // unit
+        if count % world and not (axis == "kv_heads" and world % count == 0):
+            rule = ("divisible by the number of ranks, or divide it (then each kv head is "
+                    "replicated)") if axis == "kv_heads" else "divisible by the number of ranks"
+            raise InvalidConfig(name, count, f"{count} {axis} cannot be split over {world} "
+                                f"ranks: must be {rule}")
+        plan[name] = dim
+    return plan
+
+
+def shard_range(size: int, unit: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s chunk of a dimension of `size` = count * unit. With fewer units
+    than ranks (only kv heads, checked by shard_spec) rank r gets the one unit r*count//world."""
+    count = size // unit
+    if count >= world:
+        per = count // world
+        first = rank * per
+    else:
+        per, first = 1, rank * count // world
+    return first * unit, (first + per) * unit
+
+
+def shard(params: dict[str, torch.Tensor], specs: dict[str, ParamSpec], rules: ShardingRules,
+          rank: int, world: int, *, head_dim: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s parameters: a new dict of views (narrow) of the unfused `params`, with
+    replicated tensors passed through; nothing is copied and the argument is unchanged (apply
+    fuse_params after). Raises InvalidConfig as shard_spec does, or for a tensor with no spec,
+    and InvalidModel for a tensor whose shape is not its spec's."""
+    _check_rank(rank, world)
+    plan = shard_spec(specs, rules, world, head_dim=head_dim)
+    out = {}
+    for name, tensor in params.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise InvalidConfig(name, None, "no ParamSpec for this tensor (shard the unfused "
+                                "params, then fuse_params)")
+        if tuple(tensor.shape) != spec.shape:
+            raise InvalidModel(name, tuple(tensor.shape), f"expected shape {spec.shape}")
+        dim = plan[name]
+        if dim is None:
+            out[name] = tensor
+            continue
+        start, stop = shard_range(spec.shape[dim], _unit(spec.axes[dim], head_dim), rank, world)
+        out[name] = tensor.narrow(dim, start, stop - start)
+    return out
+
+
+def cfg_for_rank(cfg: ModelConfig, world: int, rules: ShardingRules = DEFAULT_RULES) -> ModelConfig:
+    """The config one rank's forward and KV pool use: num_heads, num_kv_heads (at least 1, see
+    the module docstring) and intermediate_size per rank. vocab_size stays the model's: token
+    ids and the gathered logits span the whole vocabulary, and the forward tells a split
+    embedding by its row count. Raises InvalidConfig when the model cannot be split (as
+    shard_spec) or when world > 1 with rules other than the layout the forward implements."""
+    if world > 1 and (rules.heads, rules.kv_heads, rules.ffw, rules.embed) != (TP, TP, TP, None):
+        raise InvalidConfig("rules", rules, "the forward implements heads, kv_heads and ffw "
+                            "split over tp and embed replicated (vocab either way)")
+    shard_spec(param_specs(cfg), rules, world, head_dim=cfg.head_dim)
+    return attrs.evolve(cfg, num_heads=cfg.num_heads // world,
+                        num_kv_heads=max(cfg.num_kv_heads // world, 1),
+                        intermediate_size=cfg.intermediate_size // world)
+
+
+def load_params_sharded(path, cfg: ModelConfig, dtype: torch.dtype,
+                        device: str | torch.device = "cpu", rank: int = 0, world: int = 1,
+                        rules: ShardingRules = DEFAULT_RULES) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s tensors of `param_specs(cfg)` read from the safetensors folder `path`, equal
+    to shard(load_params(...)) but contiguous, and without ever materialising a split tensor
+    whole: split tensors are read through get_slice, replicated ones with get_tensor. Raises
+    InvalidModel as load_params does (missing tensor, wrong shape) and InvalidConfig as
+    shard_spec does."""
+    _check_rank(rank, world)
+    folder = pathlib.Path(path)
+    specs = param_specs(cfg)
+    plan = shard_spec(specs, rules, world, head_dim=cfg.head_dim)
+    params: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                spec = specs.get(name)
+                if spec is None:
+                    continue
+                view = handle.get_slice(name)        # header only: no tensor data read yet
+                shape = tuple(view.get_shape())
+                if shape != spec.shape:
+                    raise InvalidModel(name, shape, f"{file.name}: expected shape {spec.shape} "
+                                       f"from config.json")
+                dim = plan[name]
+                if dim is None:
+                    tensor = handle.get_tensor(name)
+                else:
+                    start, stop = shard_range(shape[dim], _unit(spec.axes[dim], cfg.head_dim),
+                                              rank, world)
+                    tensor = view[(slice(None),) * dim + (slice(start, stop),)]
+                params[name] = tensor.to(device=device, dtype=dtype)
+    missing = [name for name in specs if name not in params]
+    if missing:
+        shown = missing[:5] + (["..."] if len(missing) > 5 else [])
+        raise InvalidModel(missing[0], None, f"{len(missing)} tensor(s) missing from "
+                           f"{folder}: {shown}")
+    return params
