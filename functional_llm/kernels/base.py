@@ -50,6 +50,7 @@ class AttentionBackend(Protocol):
 _REGISTRY: dict[str, str] = {
     "reference": "functional_llm.kernels.reference:ReferenceBackend",
     "flash": "functional_llm.kernels.flash:FlashBackend",
+    "triton": "functional_llm.kernels.triton_attn:TritonBackend",
 }
 # best first: what `attention_backend=None` picks on a GPU (the CPU always gets "reference")
 _PREFERENCE = ("flash", "triton", "reference")
