@@ -21,7 +21,7 @@ from functional_llm.kernels.base import AttnBatch
 from functional_llm.kernels.reference import ReferenceBackend
 from functional_llm.model import (ModelConfig, ParamSpec, compute_logits, forward, fuse_params,
                                   load_config, load_params, param_specs)
-from functional_llm.model import sharding
+from functional_llm.model import loader
 from functional_llm.model.sharding import (DEFAULT_RULES, TP, Mesh, ShardingRules, cfg_for_rank,
                                            load_params_sharded, shard, shard_spec)
 
@@ -207,10 +207,10 @@ def test_sliced_loading_reads_only_the_rank_slices(folders, monkeypatch, arch, w
     specs = param_specs(cfg)
     plan = shard_spec(specs, DEFAULT_RULES, world, head_dim=cfg.head_dim)
     full = load_params(folder, cfg, torch.float32)
-    real_open = sharding.safe_open
+    real_open = loader.safe_open
     for rank in range(world):
         log = []
-        monkeypatch.setattr(sharding, "safe_open",
+        monkeypatch.setattr(loader, "safe_open",
                             lambda *a, **k: _SpyFile(real_open(*a, **k), log))
         loaded = load_params_sharded(folder, cfg, torch.float64, "cpu", rank, world)
         expected = shard(full, specs, DEFAULT_RULES, rank, world, head_dim=cfg.head_dim)

@@ -75,7 +75,9 @@ def _write_kv(k, v, k_cache, v_cache, slot_mapping, stride_kt, stride_kh, stride
     slot = tl.load(slot_mapping + t)
     h = tl.arange(0, BLOCK_K)[:, None]
     d = tl.arange(0, D)[None, :]
-    mask = (h < K) & (d < D) & (slot >= 0)     # a negative slot means "do not write"
+    # a negative slot means "do not write". (tl.where, not `&`, joins a scalar condition to
+    # a block: the interpreter mistypes block & scalar)
+    mask = tl.where(slot >= 0, (h < K) & (d < D), False)
     dst = (slot // PAGE) * stride_n + (slot % PAGE) * stride_s + h * stride_h + d
     tl.store(k_cache + dst, tl.load(k + t * stride_kt + h * stride_kh + d, mask=mask), mask=mask)
     tl.store(v_cache + dst, tl.load(v + t * stride_vt + h * stride_vh + d, mask=mask), mask=mask)
@@ -116,7 +118,7 @@ def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_
         tl.store(part_lse + at, tl.where(nonempty, m + tl.log2(l), float("-inf")), mask=g < G)
     else:
         tl.store(out + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 res.to(out.dtype.element_ty), mask=(g < G)[:, None] & is_decode)
+                 res.to(out.dtype.element_ty), mask=tl.where(is_decode, (g < G)[:, None], False))
 
 
 @_jit
@@ -134,7 +136,8 @@ def _combine(out, part_out, part_lse, cu_q, stride_ot, stride_oh, num_splits, H,
     parts = tl.load(part_out + at[:, None] * D + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
     total = tl.sum(w, 0)
     res = tl.sum(w[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out + row * stride_ot + h * stride_oh + d, res.to(out.dtype.element_ty), mask=is_decode)
+    tl.store(out + row * stride_ot + h * stride_oh + d, res.to(out.dtype.element_ty),
+             mask=tl.where(is_decode, d < D, False))
 
 
 @_jit

@@ -36,10 +36,12 @@ def weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_params(path, cfg: ModelConfig, dtype: torch.dtype,
-                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                device: str | torch.device = "cpu", select=None) -> dict[str, torch.Tensor]:
     """Every tensor of `param_specs(cfg)`, cast to `dtype` on `device`. Tensors the spec does
     not list (rotary inv_freq, a redundant lm_head of a tied model) are skipped. Raises
-    InvalidModel naming the tensor when one is missing or has the wrong shape."""
+    InvalidModel naming the tensor when one is missing or has the wrong shape.
+    select(name, shape) -> index tuple or None: read only that slice of a tensor (tensor
+    parallelism); None reads it whole."""
     folder = pathlib.Path(path)
     specs = param_specs(cfg)
     params: dict[str, torch.Tensor] = {}
@@ -54,7 +56,9 @@ def load_params(path, cfg: ModelConfig, dtype: torch.dtype,
                 if shape != spec.shape:
                     raise InvalidModel(name, shape, f"{file.name}: expected shape {spec.shape} "
                                        f"from config.json")
-                params[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
+                index = select(name, shape) if select is not None else None
+                tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+                params[name] = tensor.to(device=device, dtype=dtype)
     missing = [name for name in specs if name not in params]
     if missing:
         shown = missing[:5] + (["..."] if len(missing) > 5 else [])

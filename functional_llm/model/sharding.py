@@ -19,15 +19,12 @@ ranks repeat the same k/v projection, which costs compute but no communication.
 """
 from __future__ import annotations
 
-import pathlib
-
 import attrs
 import torch
-from safetensors import safe_open
 
 from functional_llm.errors import InvalidConfig, InvalidModel
 from functional_llm.model.config import ModelConfig
-from functional_llm.model.loader import weight_files
+from functional_llm.model.loader import load_params
 from functional_llm.model.spec import ParamSpec, param_specs
 
 TP = "tp"                                   # the one mesh axis: tensor parallel
@@ -183,32 +180,14 @@ def load_params_sharded(path, cfg: ModelConfig, dtype: torch.dtype,
     InvalidModel as load_params does (missing tensor, wrong shape) and InvalidConfig as
     shard_spec does."""
     _check_rank(rank, world)
-    folder = pathlib.Path(path)
+    plan = shard_spec(param_specs(cfg), rules, world, head_dim=cfg.head_dim)
     specs = param_specs(cfg)
-    plan = shard_spec(specs, rules, world, head_dim=cfg.head_dim)
-    params: dict[str, torch.Tensor] = {}
-    for file in weight_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                spec = specs.get(name)
-                if spec is None:
-                    continue
-                view = handle.get_slice(name)        # header only: no tensor data read yet
-                shape = tuple(view.get_shape())
-                if shape != spec.shape:
-                    raise InvalidModel(name, shape, f"{file.name}: expected shape {spec.shape} "
-                                       f"from config.json")
-                dim = plan[name]
-                if dim is None:
-                    tensor = handle.get_tensor(name)
-                else:
-                    start, stop = shard_range(shape[dim], _unit(spec.axes[dim], cfg.head_dim),
-                                              rank, world)
-                    tensor = view[(slice(None),) * dim + (slice(start, stop),)]
-                params[name] = tensor.to(device=device, dtype=dtype)
-    missing = [name for name in specs if name not in params]
-    if missing:
-        shown = missing[:5] + (["..."] if len(missing) > 5 else [])
-        raise InvalidModel(missing[0], None, f"{len(missing)} tensor(s) missing from "
-                           f"{folder}: {shown}")
-    return params
+
+    def select(name, shape):
+        dim = plan[name]
+        if dim is None:
+            return None
+        start, stop = shard_range(shape[dim], _unit(specs[name].axes[dim], cfg.head_dim), rank, world)
+        return (slice(None),) * dim + (slice(start, stop),)
+
+    return load_params(path, cfg, dtype, device, select)
