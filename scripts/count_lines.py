@@ -1,6 +1,7 @@
 """Count non-blank, non-comment lines of Python per package folder (the README's figure).
 
-    python scripts/count_lines.py            # prints a table
+    python scripts/count_lines.py                  # prints a table
+    python scripts/count_lines.py --update-readme  # also writes the total into README.md
 """
 import pathlib
 import re
@@ -33,7 +34,12 @@ def main() -> int:
         per_folder[key] = per_folder.get(key, 0) + code_lines(f)
     for k, v in per_folder.items():
         print(f"{k:10s} {v:5d}")
-    print(f"{'total':10s} {sum(per_folder.values()):5d}  (code lines, docstrings and comments excluded)")
+    total = sum(per_folder.values())
+    print(f"{'total':10s} {total:5d}  (code lines, docstrings and comments excluded)")
+    if "--update-readme" in sys.argv:
+        readme = root.parent / "README.md"
+        text = re.sub(r"\*\*(\d+|LINES_FIGURE)\*\* lines", f"**{total}** lines", readme.read_text())
+        readme.write_text(text)
     return 0
 
 
