@@ -43,6 +43,8 @@ def check_state(state: SchedState, cfg: SchedConfig, hash_fn=chain_hash) -> None
         assert pool.ref[b] == held.get(b, 0), f"I2: block {b} ref {pool.ref[b]} != {held.get(b, 0)}"
     for rid, seq in state.seqs.items():
         # I5 coverage (between steps): blocks for exactly the computed tokens; none if waiting
+        if rid in state.waiting:
+            assert seq.num_computed == 0, f"I5: waiting {rid} claims {seq.num_computed} computed tokens"
         want = 0 if rid in state.waiting else blocks_for(seq.num_computed, cfg.block_size)
         assert len(seq.block_table) == want, \
             f"I5: {rid} has {len(seq.block_table)} blocks for {seq.num_computed} tokens"
