@@ -41,7 +41,10 @@ class LLM:
                  block_size: Optional[int] = None, num_kv_blocks: Optional[int] = None,
                  enable_prefix_caching: bool = True, dtype: Optional[str] = None,
                  device: Optional[str] = None, seed: int = 0,
-                 attention_backend: Optional[str] = None, enforce_eager: bool = False):
+                 attention_backend: Optional[str] = None, enforce_eager: bool = False,
+                 trace: Optional[str] = None):
+        """trace: a file path; every input, Plan, sampled token and core-state digest is
+        written there as JSON lines (`functional-llm replay PATH` checks it)."""
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "num_kv_blocks"):
             _positive(name, locals()[name])
@@ -83,7 +86,12 @@ class LLM:
         model_fns = DeviceModel(params, cfg, backend)
         if device.type == "cuda" and not enforce_eager:
             model_fns = attrs.evolve(model_fns, argmax_fn=torch.compile(gumbel_argmax, dynamic=True))
-        self.engine = Engine(model_fns, kv, sched, device, cuda_graphs=graphs)
+        writer = None
+        if trace is not None:
+            from functional_llm.core.trace import TraceWriter, header_record
+            writer = TraceWriter(trace, header_record(sched, _trace_shell(
+                path, dtype, device, backend.name, enforce_eager, graphs, seed)))
+        self.engine = Engine(model_fns, kv, sched, device, cuda_graphs=graphs, trace=writer)
         self._next_id = 0
         self._live: dict[str, dict] = {}   # rid -> prompt, prompt ids, generated ids, text state
         # Long-lived start-up objects (tokenizer, configs, modules) leave the collector's view:
@@ -215,7 +223,7 @@ class LLM:
         if not hits:
             return None
         live["text"] = text[:min(hits)]  # the output excludes the stop string
-        self.engine.finish(rid)
+        self.engine.finish(rid, "stop")
         return "stop"
 
     def _output(self, rid, reason) -> RequestOutput:
@@ -255,6 +263,19 @@ def _as_prompt_list(prompts) -> list:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidPrompt("prompts", prompts, "must be a str, a list of ids, or a non-empty list of them")
     return list(prompts)
+
+
+def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed) -> dict:
+    """A trace header's shell part: what a replay with the model needs, and what can make the
+    same inputs give other tokens (versions, determinism flags)."""
+    import platform
+    from importlib.metadata import version
+    return {"model": str(path), "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "attention_backend": backend, "enforce_eager": enforce_eager, "cuda_graphs": bool(graphs),
+            "seed": seed, "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
+                                       "python": platform.python_version(), "xxhash": xxhash.VERSION},
+            "determinism": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "batch_invariant": False}}
 
 
 def _dtype(name, device) -> torch.dtype:

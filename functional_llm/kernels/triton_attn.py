@@ -111,11 +111,12 @@ def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_
                                  hi, g, qk_scale, stride_n, stride_s, PAGE, BLOCK_N, D,
                                  True, False, PREC)
     nonempty = l > 0
-    res = acc / tl.where(nonempty, l, 1.0)[:, None]      # an empty split contributes zeros
+    safe_l = tl.where(nonempty, l, 1.0)
+    res = acc / safe_l[:, None]                          # an empty split contributes zeros
     if SPLIT:
         at = (b * H + heads) * num_splits + split
         tl.store(part_out + at[:, None] * D + d[None, :], res, mask=(g < G)[:, None])
-        tl.store(part_lse + at, tl.where(nonempty, m + tl.log2(l), float("-inf")), mask=g < G)
+        tl.store(part_lse + at, tl.where(nonempty, m + tl.log2(safe_l), float("-inf")), mask=g < G)
     else:
         tl.store(out + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  res.to(out.dtype.element_ty), mask=tl.where(is_decode, (g < G)[:, None], False))
@@ -143,10 +144,10 @@ def _combine(out, part_out, part_lse, cu_q, stride_ot, stride_oh, num_splits, H,
 @_jit
 def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, stride_qt, stride_qh,
              stride_ot, stride_oh, stride_n, stride_s, stride_h, stride_bt, qk_scale,
-             G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-             PAGE: tl.constexpr, PREC: tl.constexpr):
+             G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+             D: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+    # BLOCK_Q = BLOCK_M // G query tokens per tile; rows past BLOCK_Q * G are padding
     tile, b, kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    BLOCK_Q: tl.constexpr = BLOCK_M // G                  # query tokens per tile
     q_start = tl.load(cu_q + b)
     q_len = tl.load(cu_q + b + 1) - q_start
     seq_len = tl.load(seq_lens + b)
@@ -212,8 +213,10 @@ class TritonBackend:
         self.num_splits, self.decode_block_n = num_splits, decode_block_n
         self.prefill_block_m, self.prefill_block_n = prefill_block_m, prefill_block_n
         self.decode_warps, self.decode_stages = decode_warps, decode_stages
-        self.num_sms = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-                        if torch.cuda.is_available() else 8)
+        self.num_sms = 8      # the interpreter's stand-in; a GPU reports its own
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            self.num_sms = props.multi_processor_count
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         """Host ints only (no device reads, so it may run inside a graph capture)."""
@@ -241,7 +244,8 @@ class TritonBackend:
         q = q if q.stride(2) == 1 else q.contiguous()
         out = q.new_empty(T, H, D)
         B = plan.num_seqs
-        prec = "ieee"       # fp32 inputs: exact fp32 products, not TF32 (16-bit inputs: no effect)
+        # fp32 inputs: exact fp32 products (the GPU default is TF32); 16-bit: the default
+        prec = "ieee" if q.dtype == torch.float32 else None
         qk_scale = scale * math.log2(math.e)
         common = (batch.cu_q, batch.seq_lens, batch.block_tables, q.stride(0), q.stride(1),
                   out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -249,6 +253,7 @@ class TritonBackend:
         wide = q.element_size() <= 2      # 16-bit inputs: twice the keys per tile
         splits = self.num_splits or choose_num_splits(B, K, plan.max_seq_len, self.num_sms)
         block_n = self.decode_block_n or min(128, (8192 if wide else 4096) // D)
+        assert block_n >= 16, "tl.dot needs tiles of 16 or more"
         if splits == 1:
             part_out = part_lse = out     # unused
         else:
@@ -265,9 +270,10 @@ class TritonBackend:
         if plan.has_prefill:
             block_m = self.prefill_block_m or (128 if wide and G >= 4 else 64)
             block_n = self.prefill_block_n or (64 if wide else 32)
+            assert block_m >= 16 and block_n >= 16, "tl.dot needs tiles of 16 or more"
             tiles = -(-batch.max_q // (block_m // G))
             _prefill[(tiles, B, K)](q, k_cache, v_cache, out, *common, G=G, BLOCK_M=block_m,
-                                    BLOCK_N=block_n, D=D, PAGE=S, PREC=prec,
+                                    BLOCK_Q=block_m // G, BLOCK_N=block_n, D=D, PAGE=S, PREC=prec,
                                     num_warps=8 if block_m >= 128 else 4, num_stages=2)
         return out
 

@@ -11,6 +11,7 @@ import torch
 
 from functional_llm.core import commit as C
 from functional_llm.core import scheduler as S
+from functional_llm.core import trace as T
 from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, new_state
 from functional_llm.runtime.graphs import DecodeGraphs
 from functional_llm.runtime.sampling import gumbel_argmax, sample
@@ -42,10 +43,12 @@ class Engine:
     """Incremental API: add_request / step / abort. Not thread-safe (one caller drives it)."""
 
     def __init__(self, model: DeviceModel, kv: torch.Tensor, sched: SchedConfig, device,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, trace: T.TraceWriter | None = None):
         """cuda_graphs: replay decode steps from CUDA graphs; kv then holds one extra block
-        past the pool (index sched.num_blocks) that padded graph rows write into."""
+        past the pool (index sched.num_blocks) that padded graph rows write into.
+        trace: records every input, Plan, token and state digest (core/trace.py)."""
         self.model, self.kv, self.sched, self.device = model, kv, sched, device
+        self.trace = trace
         self.state = new_state(sched)
         self._arrivals = 0
         self.graphs = None
@@ -68,10 +71,14 @@ class Engine:
         req = Request(rid, tuple(prompt), params, seed, self._arrivals)
         self.state = S.admit(self.state, self.sched, req)  # raises before any change
         self._arrivals += 1
+        if self.trace is not None:
+            self.trace.write(T.arrival_record(req, self.state.counters.steps))
 
-    def finish(self, rid: str) -> None:
+    def finish(self, rid: str, reason: str = "abort") -> None:
         """End a request for a reason decided outside core (stop string, abort)."""
         self.state = C.finish(self.state, rid)
+        if self.trace is not None:
+            self.trace.write(T.finish_record(rid, reason, self.state.counters.steps))
 
     def has_unfinished(self) -> bool:
         return bool(self.state.waiting or self.state.running)
@@ -84,13 +91,19 @@ class Engine:
     def step(self) -> Deltas:
         state, plan = S.schedule(self.state, self.sched)
         if not plan.rids:
-            self.state = state
-            return Deltas()
+            self.state, tokens, deltas = state, [], Deltas()
+        else:
+            tokens = self.device_tokens(state, plan)
+            self.state, deltas = C.commit(state, self.sched, plan, tokens)
+        if self.trace is not None:
+            self.trace.write(T.step_record(state.counters.steps - 1, plan, tokens, self.state, deltas))
+        return deltas
+
+    def device_tokens(self, state, plan) -> list:
+        """Run the device step for a scheduled (state, plan): writes the KV, returns the sampled
+        tokens. Also what `functional-llm replay --model` calls for each recorded step."""
         host = stage_host(state, plan, self.sched.block_size)
         if self.graphs is not None and self.graphs.fits(host):
-            tokens = self.graphs.run(host).tolist()
-        else:
-            with torch.inference_mode():
-                tokens = device_step(self.model, self.kv, to_device(host, self.device)).tolist()
-        self.state, deltas = C.commit(state, self.sched, plan, tokens)
-        return deltas
+            return self.graphs.run(host).tolist()
+        with torch.inference_mode():
+            return device_step(self.model, self.kv, to_device(host, self.device)).tolist()

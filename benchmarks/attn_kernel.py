@@ -1,0 +1,143 @@
+"""Paged decode attention, one layer, on a GPU: the triton backend against the copy bandwidth.
+
+Qwen3-0.6B attention shapes (16 q heads, 8 kv heads, head_dim 128, bf16); 256 sequences of 850
+keys each decode one token; pages of --block-size tokens handed out in random order, as a
+long-running pool would. Times with CUDA events over many iterations, both eagerly and replayed
+from a CUDA graph (no launch gaps):
+  attend  = the decode kernel (+ the split combine, when the heuristic splits)
+  forward = KV write + attend (what the model calls per layer)
+KV read per call = seqs x context x kv_heads x head_dim x 2 (K and V) x 2 bytes; bandwidth =
+that / time, next to a 2 GiB device-to-device copy measured in the same run (read + write
+bytes / time). The reference backend's forward is timed too. --sweep adds one line per decode
+tile config (keys per tile, warps, pipeline stages, splits) for tuning.
+
+    python benchmarks/attn_kernel.py [--block-size 16|128] [--num-seqs 256] [--context 850]
+                                     [--sweep] [--no-reference]
+Prints a few `key=value` lines; the last is the summary.
+"""
+import argparse
+import math
+
+import torch
+
+from functional_llm.kernels.base import AttnBatch
+from functional_llm.kernels.reference import ReferenceBackend
+from functional_llm.kernels.triton_attn import TritonBackend, choose_num_splits
+
+H, K, D = 16, 8, 128
+
+
+def time_us(fn, iters: int, warmup: int = 10, graph: bool = False) -> float:
+    """Mean microseconds per call of fn, by CUDA events; graph: capture one call, replay it."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        for _ in range(3):
+            g.replay()
+        fn = g.replay
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = time_us(lambda: b.copy_(a), iters=20, warmup=3)
+    return 2 * nbytes / (us * 1e-6)
+
+
+def make_batch(num_seqs: int, context: int, S: int):
+    """Inputs of one decode step: every sequence holds `context` keys after it (the new
+    token's K/V included), on randomly ordered pages."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pages = math.ceil(context / S)
+    N = num_seqs * pages + 1
+    kv = torch.randn(2, N, S, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    tables = torch.randperm(N, device="cuda", generator=g)[:num_seqs * pages].view(num_seqs, pages)
+    tables = tables.to(torch.int32)
+    last = context - 1
+    slots = tables[:, last // S].long() * S + last % S
+    cu_q = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda")
+    batch = AttnBatch(slot_mapping=slots, cu_q=cu_q,
+                      seq_lens=torch.full((num_seqs,), context, dtype=torch.int32, device="cuda"),
+                      block_tables=tables, max_q=1, max_seq_len=context)
+    q = torch.randn(num_seqs, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(num_seqs, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(num_seqs, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, k, v, kv[0], kv[1], batch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--context", type=int, default=850)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-reference", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    copy_bw = copy_bandwidth()
+    torch.cuda.empty_cache()          # give the copy's 4 GiB back before the pool is made
+    q, k, v, k_cache, v_cache, batch = make_batch(args.num_seqs, args.context, args.block_size)
+    kv_bytes = args.num_seqs * args.context * K * D * 2 * 2
+    scale = D ** -0.5
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    head = (f"device={torch.cuda.get_device_name(0)!r} seqs={args.num_seqs} context={args.context} "
+            f"block_size={args.block_size} kv_read_MB={kv_bytes / 1e6:.1f} "
+            f"copy_TBps={copy_bw / 1e12:.3f}")
+    print(head, flush=True)
+
+    def line(label, us):
+        bw = kv_bytes / (us * 1e-6)
+        return f"{label}={us:.1f}us {bw / 1e12:.3f}TB/s {100 * bw / copy_bw:.1f}%copy"
+
+    def attend_fn(backend):
+        prepared = backend.prepare(batch)
+        return lambda: backend.attend(q, k_cache, v_cache, prepared, scale)
+
+    if args.sweep:
+        for block_n in (32, 64, 128):
+            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
+                for splits in (1, 2):
+                    backend = TritonBackend(num_splits=splits, decode_block_n=block_n,
+                                            decode_warps=warps, decode_stages=stages)
+                    try:
+                        us = time_us(attend_fn(backend), args.iters, graph=True)
+                        print(f"sweep block_n={block_n} warps={warps} stages={stages} "
+                              f"splits={splits} " + line("attend_graph", us), flush=True)
+                    except Exception as e:   # e.g. out of shared memory: report, go on
+                        print(f"sweep block_n={block_n} warps={warps} stages={stages} "
+                              f"splits={splits} failed: {type(e).__name__}: {str(e)[:80]}")
+
+    backend = TritonBackend()
+    prepared = backend.prepare(batch)
+    forward = lambda: backend.forward(q, k, v, k_cache, v_cache, prepared, scale)  # noqa: E731
+    ours = backend.forward(q, k, v, k_cache, v_cache, prepared, scale)
+    parts = [f"splits={choose_num_splits(args.num_seqs, K, args.context, sms)}",
+             line("attend_graph", time_us(attend_fn(backend), args.iters, graph=True)),
+             line("attend_eager", time_us(attend_fn(backend), args.iters)),
+             line("forward_graph", time_us(forward, args.iters, graph=True))]
+    if not args.no_reference:
+        ref_backend = ReferenceBackend()
+        ref_prepared = ref_backend.prepare(batch)
+        ref = ref_backend.forward(q, k, v, k_cache, v_cache, ref_prepared, scale)
+        us = time_us(lambda: ref_backend.forward(q, k, v, k_cache, v_cache, ref_prepared, scale),
+                     max(10, args.iters // 10))
+        parts += [line("reference_forward_eager", us),
+                  f"max_abs_diff_vs_reference={(ours.float() - ref.float()).abs().max().item():.2e}"]
+    print("summary " + head + " " + " ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Traces: a JSON-lines record of everything core/ needs to redo a run, and its replay.
+
+A trace is one header line, then one line per external input (an arrival, or a finish decided
+outside core: an abort, a stop string) and one line per step (its Plan, the sampled tokens,
+the finishes and a digest), in the order they happened. Core transitions are deterministic
+functions of those lines, so replaying them through admit / finish / schedule / commit must
+reproduce every Plan and digest, with no model (docs/transitions.md, I14).
+
+Every line is a JSON object with a "kind" ("header", "arrive", "finish", "step"); "step"
+on input lines is the index of the step they precede. Never pickle: a trace is data.
+Pure except TraceWriter (appends lines to a file) and read_trace (reads them).
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterable, Optional
+
+import attrs
+import numpy as np
+import xxhash
+
+from functional_llm.core import commit as C
+from functional_llm.core import scheduler as S
+from functional_llm.core.records import (Deltas, Plan, Request, SamplingParams, SchedConfig,
+                                         SchedState, new_state)
+from functional_llm.errors import FunctionalLLMError
+
+FORMAT = 1
+_PLAN_FIELDS = ("rids", "starts", "counts", "sample", "preempted")
+
+
+class TraceError(FunctionalLLMError):
+    """A trace file that cannot be read or replayed (malformed line, unknown format)."""
+
+
+# -- digest ------------------------------------------------------------------------------------
+def state_digest(state: SchedState, deltas: Deltas = Deltas()) -> str:
+    """128-bit hex digest of the core state and of what the last step emitted (its Deltas).
+
+    Stable across processes and machines: xxh3 over explicit little-endian integers and
+    UTF-8 strings, never Python's salted hash(). Covers the queues, every Seq, the pool
+    (refcounts, free order, prefix index) and the counters; the deltas make a tampered token
+    visible even when its sequence finished in that step and left the state."""
+    h = xxhash.xxh3_128()
+
+    def ints(values, dtype="<i8"):
+        a = np.asarray(list(values), dtype=dtype)
+        h.update(np.asarray(a.size, dtype="<i8").tobytes())
+        h.update(a.tobytes())
+
+    def text(s: str):
+        b = s.encode()
+        ints((len(b),))
+        h.update(b)
+
+    for queue in (state.waiting, state.running):
+        ints((len(queue),))
+        for rid in queue:
+            text(rid)
+    for rid in sorted(state.seqs):
+        seq = state.seqs[rid]
+        text(rid)
+        ints(seq.tokens)
+        ints((seq.num_computed, -1 if seq.num_cached is None else seq.num_cached))
+        ints(seq.block_table.tolist())
+        ints(seq.block_hashes, "<u8")
+    pool = state.pool
+    ints(pool.ref)
+    ints(pool.queue[i] for i in range(pool.head, len(pool.queue))      # live free order only:
+         if pool.ref[pool.queue[i]] == 0 and pool.queued_at[pool.queue[i]] == i)  # no layout
+    for b in sorted(pool.cached):
+        info = pool.cached[b]
+        ints((b, info.epoch) + ((-1, -1) if info.parent is None else tuple(info.parent)))
+        ints((info.hash,), "<u8")
+        ints(info.tokens)
+    ints((k for k, _ in sorted(pool.by_hash.items())), "<u8")
+    ints(v for _, v in sorted(pool.by_hash.items()))
+    ints(attrs.astuple(state.counters) + (pool.next_epoch,))
+    for rid, tok in zip(deltas.rids, deltas.tokens):
+        text(rid)
+        ints((tok,))
+    for rid in sorted(deltas.finished):
+        text(rid)
+        text(deltas.finished[rid])
+    return h.hexdigest()
+
+
+# -- records -------------------------------------------------------------------------------------
+def config_to_json(cfg: SchedConfig) -> dict:
+    out = attrs.asdict(cfg, filter=lambda a, _: a.name != "hash_fn")
+    out["eos_token_ids"] = list(cfg.eos_token_ids)
+    fn = cfg.hash_fn
+    out["hash_fn"] = None if fn is None else f"{fn.__module__}.{fn.__qualname__}"
+    return out
+
+
+def config_from_json(d: dict, hash_fn: Optional[Callable] = None) -> SchedConfig:
+    """hash_fn: needed (and only accepted) when the trace was recorded with a custom one."""
+    if (d.get("hash_fn") is None) != (hash_fn is None):
+        raise TraceError("hash_fn", d.get("hash_fn"), "replay needs the recorded chain hash")
+    fields = {k: v for k, v in d.items() if k != "hash_fn"}
+    return SchedConfig(**{**fields, "eos_token_ids": tuple(fields["eos_token_ids"])}, hash_fn=hash_fn)
+
+
+def header_record(cfg: SchedConfig, shell: Optional[dict] = None) -> dict:
+    """shell: what core cannot know (model, dtype, device, versions, determinism flags)."""
+    return {"kind": "header", "format": FORMAT, "config": config_to_json(cfg),
+            "digest": "xxh3_128", "shell": shell or {}}
+
+
+def arrival_record(req: Request, step: int) -> dict:
+    return {"kind": "arrive", "step": step, "rid": req.rid, "prompt": list(req.prompt),
+            "params": _json_params(req.params), "seed": req.seed, "arrival": req.arrival}
+
+
+def _json_params(params: SamplingParams) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(params).items()}
+
+
+def request_from_record(r: dict) -> Request:
+    return Request(r["rid"], tuple(r["prompt"]), SamplingParams(**r["params"]), r["seed"],
+                   r["arrival"])
+
+
+def finish_record(rid: str, reason: str, step: int) -> dict:
+    """A finish decided outside core: reason 'abort' (the user) or 'stop' (a stop string)."""
+    return {"kind": "finish", "step": step, "rid": rid, "reason": reason}
+
+
+def plan_to_json(plan: Plan) -> dict:
+    return {f: list(getattr(plan, f)) for f in _PLAN_FIELDS}
+
+
+def step_record(step: int, plan: Plan, tokens, state: SchedState, deltas: Deltas) -> dict:
+    """state: the state after the step's commit; deltas: what the commit returned."""
+    return {"kind": "step", "step": step, "plan": plan_to_json(plan), "tokens": list(tokens),
+            "finished": dict(deltas.finished), "digest": state_digest(state, deltas)}
+
+
+def encode(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"))
+
+
+def decode(line: str, where: str = "<trace>") -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TraceError("trace", where, f"not a JSON line: {e}") from None
+    if not isinstance(record, dict) or "kind" not in record:
+        raise TraceError("trace", where, "each line must be an object with a 'kind'")
+    return record
+
+
+class TraceWriter:
+    """Appends records to a JSON-lines file, one flushed line each, so a crashed run still
+    leaves a readable (and replayable) prefix. The shell's only trace object."""
+
+    def __init__(self, path, header: dict):
+        self._file = open(path, "w", encoding="utf-8")
+        self.write(header)
+
+    def write(self, record: dict) -> None:
+        self._file.write(encode(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_trace(path) -> list[dict]:
+    """Raises TraceError for a missing file, a malformed line or a missing header."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = [decode(line, f"{path}:{i + 1}") for i, line in enumerate(f) if line.strip()]
+    except OSError as e:
+        raise TraceError("trace", str(path), str(e)) from None
+    if not records or records[0]["kind"] != "header" or records[0].get("format") != FORMAT:
+        raise TraceError("trace", str(path), f"first line must be a format-{FORMAT} header")
+    return records
+
+
+# -- replay -----------------------------------------------------------------------------------
+@attrs.frozen(slots=True)
+class Divergence:
+    step: int
+    what: str          # 'input' | 'plan' | 'tokens' | 'finished' | 'digest'
+    expected: object   # what the trace says
+    actual: object     # what the replay produced
+
+
+@attrs.frozen(slots=True)
+class ReplayReport:
+    steps: int                          # steps replayed (and matched) before any divergence
+    divergence: Optional[Divergence]
+    state: SchedState                   # the state where the replay stopped
+
+    @property
+    def ok(self) -> bool:
+        return self.divergence is None
+
+
+def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
+           hash_fn: Optional[Callable] = None, on_step: Optional[Callable] = None) -> ReplayReport:
+    """Redo a trace's core transitions and stop at the first line they do not reproduce.
+
+    step_tokens(state, plan) -> tokens: re-run the model for each step (the recorded tokens
+    must come out); None feeds the recorded tokens. on_step(state, plan): called after each
+    matched step (plots, statistics). Raises TraceError for a malformed trace (no header,
+    unknown kind); every disagreement is a Divergence, not an exception."""
+    it = iter(records)
+    header = next(it, None)
+    if header is None or header.get("kind") != "header" or header.get("format") != FORMAT:
+        raise TraceError("trace", "<header>", f"first record must be a format-{FORMAT} header")
+    cfg = config_from_json(header["config"], hash_fn)
+    state, steps = new_state(cfg), 0
+
+    def stop(step, what, expected, actual):
+        return ReplayReport(steps, Divergence(step, what, expected, actual), state)
+
+    for r in it:
+        kind, step = r.get("kind"), r.get("step")
+        if kind in ("arrive", "finish", "step") and step != state.counters.steps:
+            return stop(step, "input", f"a record for step {state.counters.steps}", f"step {step}")
+        if kind == "arrive":
+            try:
+                state = S.admit(state, cfg, request_from_record(r))
+            except (FunctionalLLMError, TypeError, KeyError) as e:
+                return stop(step, "input", "an admissible request", repr(e))
+        elif kind == "finish":
+            if r.get("rid") not in state.seqs:
+                return stop(step, "input", f"live request {r.get('rid')!r}", sorted(state.seqs))
+            state = C.finish(state, r["rid"])
+        elif kind == "step":
+            state, plan = S.schedule(state, cfg)
+            if plan_to_json(plan) != r.get("plan"):
+                return stop(step, "plan", r.get("plan"), plan_to_json(plan))
+            tokens = r.get("tokens")
+            if not isinstance(tokens, list) or len(tokens) != sum(plan.sample):
+                return stop(step, "tokens", f"{sum(plan.sample)} sampled tokens", tokens)
+            if step_tokens is not None and plan.rids:
+                produced = list(step_tokens(state, plan))
+                if produced != tokens:
+                    return stop(step, "tokens", tokens, produced)
+            deltas = Deltas()
+            if plan.rids:  # the engine skips commit (and the device) for an empty plan
+                state, deltas = C.commit(state, cfg, plan, tokens)
+            if dict(deltas.finished) != r.get("finished"):
+                return stop(step, "finished", r.get("finished"), dict(deltas.finished))
+            digest = state_digest(state, deltas)
+            if digest != r.get("digest"):
+                return stop(step, "digest", r.get("digest"), digest)
+            steps += 1
+            if on_step is not None:
+                on_step(state, plan)
+        else:
+            raise TraceError("trace", kind, "unknown record kind")
+    return ReplayReport(steps, None, state)

@@ -1,0 +1,1 @@
+"""Hypothesis properties of functional_llm (docs/transitions.md names what each one checks)."""

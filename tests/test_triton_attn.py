@@ -1,0 +1,210 @@
+"""The triton backend against the reference backend (the oracle) on random paged batches.
+
+Without a GPU the kernels run under Triton's CPU interpreter, which must be switched on before
+triton or the kernels module is imported — hence `_use_the_interpreter` above the imports. It
+runs only when there is no CUDA device: pytest imports every test module before running any,
+so doing it on a GPU machine would make test_gpu.py's triton runs interpreted too. On a GPU
+the same tiny cases run compiled, plus the `gpu`-marked cases at real sizes. Interpreter cases
+use fp32 and fp16 only (it computes bf16 on the raw bits). Shapes are tiny and tiles are
+overridden to 16 so that a few dozen keys still span several tiles, pages and splits.
+"""
+import os
+import sys
+
+import torch
+
+
+def _use_the_interpreter():
+    """Switch the interpreter on for every triton.jit function defined from now on. Triton's
+    own library functions (tl.cdiv, tl.max, ...) are jit functions made when triton.language is
+    first imported; if a module collected earlier imported triton (transformers does), they are
+    compiled-mode and the interpreter cannot call them. So drop triton's Python modules (not
+    its C extension) and our kernels module: the imports below then rebuild them interpreted."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    lang = sys.modules.get("triton.language")
+    if lang is not None and type(lang.cdiv).__name__ != "InterpretedFunction":
+        for name in [n for n in sys.modules if n.split(".")[0] == "triton"
+                     and not n.startswith("triton._C")]:
+            del sys.modules[name]
+        sys.modules.pop("functional_llm.kernels.triton_attn", None)
+
+
+if not torch.cuda.is_available():
+    _use_the_interpreter()
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from functional_llm.errors import InvalidConfig  # noqa: E402
+from functional_llm.kernels import get_backend  # noqa: E402
+from functional_llm.kernels.base import AttnBatch  # noqa: E402
+from functional_llm.kernels.reference import ReferenceBackend  # noqa: E402
+from functional_llm.kernels.triton_attn import TritonBackend, choose_num_splits, write_kv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TILES = dict(decode_block_n=16, prefill_block_m=16, prefill_block_n=16)   # tl.dot minimum
+
+
+def make_case(cached, q_lens, S, K, G, D, dtype, device=DEVICE, seed=0):
+    """Sequences with `cached` tokens already in the pool and `q_lens` new ones, on randomly
+    permuted pages. Pool rows nobody wrote stay NaN, so any unmasked read shows in the output.
+    Returns q, k, v, k_cache, v_cache, batch."""
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = [c + n for c, n in zip(cached, q_lens)]
+    pages = [-(-n // S) for n in seq_lens]
+    N = sum(pages) + 2
+    perm = torch.randperm(N, generator=g).tolist()
+    tables = [perm[sum(pages[:b]):sum(pages[:b + 1])] for b in range(len(pages))]
+    M = max(pages)
+    block_tables = torch.tensor([t + [0] * (M - len(t)) for t in tables], dtype=torch.int32)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    k_cache = torch.full((N, S, K, D), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    for b, n in enumerate(cached):
+        for t in range(n):
+            k_cache[tables[b][t // S], t % S] = rand(K, D)
+            v_cache[tables[b][t // S], t % S] = rand(K, D)
+    T = sum(q_lens)
+    q, k, v = rand(T, K * G, D), rand(T, K, D), rand(T, K, D)
+    slots = [tables[b][t // S] * S + t % S for b in range(len(cached))
+             for t in range(cached[b], seq_lens[b])]
+    cu_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    batch = AttnBatch(slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+                      cu_q=cu_q.to(device),
+                      seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
+                      block_tables=block_tables.to(device), max_q=max(q_lens),
+                      max_seq_len=max(seq_lens))
+    return (*(x.to(device) for x in (q, k, v, k_cache, v_cache)), batch)
+
+
+def run_both(case, triton_backend, scale=None):
+    """(reference out, k_cache, v_cache), (triton out, k_cache, v_cache) on copies of the pool."""
+    q, k, v, k_cache, v_cache, batch = case
+    scale = scale or q.shape[-1] ** -0.5
+    results = []
+    for backend in (ReferenceBackend(), triton_backend):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = backend.forward(q, k, v, kc, vc, backend.prepare(batch), scale)
+        results.append((out, kc, vc))
+    return results
+
+
+def check(case, triton_backend, tol):
+    (ref, ref_k, ref_v), (out, k_cache, v_cache) = run_both(case, triton_backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, ref_v, rtol=0, atol=0, equal_nan=True)
+
+
+FP32, FP16 = (torch.float32, 1e-5), (torch.float16, 1e-2)
+
+# (cached, q_lens, S, K, G, D, (dtype, tol), backend overrides)
+CASES = {
+    # three splits: sequence 2 (one key) leaves two empty; 41 and 62 keys end mid-page
+    "decode-split-gqa4": ([40, 7, 0, 61], [1, 1, 1, 1], 8, 2, 4, 32, FP32, dict(num_splits=3)),
+    "decode-one-split-mqa": ([40, 3], [1, 1], 16, 1, 8, 32, FP16, dict(num_splits=1)),
+    "decode-block4-gqa3": ([21, 9], [1, 1], 4, 2, 3, 16, FP32, dict(num_splits=2)),
+    # keys 0..31 need no causal mask (phase 1), 32..42 do; 11 pages of 4
+    "prefix-then-chunk": ([37], [6], 4, 2, 2, 16, FP32, {}),
+    "fresh-prefill-mha": ([0, 0], [11, 3], 8, 2, 1, 64, FP16, {}),
+    "mixed-gqa3": ([20, 5, 33, 0, 9], [1, 6, 1, 9, 1], 8, 2, 3, 32, FP32, dict(num_splits=2)),
+    "mixed-gqa8-fp16": ([20, 5, 33, 0], [1, 7, 1, 4], 16, 1, 8, 64, FP16, dict(num_splits=2)),
+    "mixed-gqa2-fp16": ([18, 3, 30], [1, 5, 1], 8, 2, 2, 32, FP16, dict(num_splits=4)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name):
+    cached, q_lens, S, K, G, D, (dtype, tol), overrides = CASES[name]
+    case = make_case(cached, q_lens, S, K, G, D, dtype)
+    check(case, TritonBackend(**{**SMALL_TILES, **overrides}), tol)
+
+
+def test_default_tiles_and_heuristic_splits():
+    """The tile sizes and num_splits a real run picks (here head_dim 128, fp32 tiles)."""
+    backend = TritonBackend()
+    backend.num_sms = 8       # as on the CPU; on a GPU this makes the heuristic split here too
+    assert choose_num_splits(2, 2, 300, backend.num_sms) == 2
+    check(make_case([299, 0, 40], [1, 20, 1], 16, 2, 2, 128, torch.float32), backend, 1e-5)
+
+
+def test_num_splits_heuristic():
+    assert choose_num_splits(256, 8, 850, 132) == 1           # big batch: no combine step
+    assert choose_num_splits(1, 8, 850, 132) == 4             # limited by 256 keys a split
+    assert choose_num_splits(1, 8, 40960, 132) == 64          # limited by the split cap
+    assert choose_num_splits(4, 2, 10_000, 132) == 40         # 4 programs per SM
+    assert choose_num_splits(1, 1, 1, 132) == 1
+
+
+def test_negative_slot_is_not_written():
+    _, k, v, k_cache, v_cache, batch = make_case([5, 0], [1, 2], 8, 2, 2, 16, torch.float32)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    write_kv(k, v, k_cache, v_cache, torch.full_like(batch.slot_mapping, -1))
+    torch.testing.assert_close(k_cache, before_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, before_v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_registry_and_missing_triton(monkeypatch):
+    import importlib.util
+    import sys
+    assert get_backend("triton").name == "triton"
+    name = "functional_llm.kernels.triton_attn"
+    without = importlib.util.module_from_spec(importlib.util.find_spec(name))
+    monkeypatch.setitem(sys.modules, "triton", None)          # `import triton` now fails
+    without.__spec__.loader.exec_module(without)               # ...but the module imports
+    monkeypatch.setitem(sys.modules, name, without)
+    with pytest.raises(InvalidConfig, match="triton"):
+        get_backend("triton")
+
+
+# ---- at real sizes, on a GPU only -----------------------------------------------------------
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("S", [16, 128])
+@pytest.mark.parametrize("num_splits", [None, 7])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_real_sizes_bf16(S, num_splits, mixed):
+    """64 sequences x ~1000 keys, Qwen3-0.6B heads (16 q, 8 kv, head_dim 128), bf16, against
+    the reference run in fp32 on the same bf16 inputs. `mixed`: every 8th row is a 100-token
+    chunk after a cached prefix of ~900, the rest decode. num_splits None: the heuristic."""
+    g = torch.Generator().manual_seed(S)
+    ctx = torch.randint(900, 1100, (64,), generator=g).tolist()
+    q_lens = [100 if mixed and b % 8 == 0 else 1 for b in range(64)]
+    cached = [c - n for c, n in zip(ctx, q_lens)]
+    q, k, v, k_cache, v_cache, batch = make_case(cached, q_lens, S, 8, 2, 128, torch.bfloat16,
+                                                 device="cuda", seed=S)
+    reference = ReferenceBackend()
+    ref = reference.forward(q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(),
+                            reference.prepare(batch), 128 ** -0.5)
+    backend = TritonBackend(num_splits=num_splits)
+    out = backend.forward(q, k, v, k_cache, v_cache, backend.prepare(batch), 128 ** -0.5)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_forward_does_not_sync_and_replays_in_a_graph():
+    q, k, v, k_cache, v_cache, batch = make_case([500] * 6, [1] * 6, 16, 8, 2, 128, torch.bfloat16,
+                                                 device="cuda")
+    backend = TritonBackend()
+    prepared = backend.prepare(batch)
+    eager = backend.forward(q, k, v, k_cache, v_cache, prepared, 0.1)       # compiles
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        backend.forward(q, k, v, k_cache, v_cache, backend.prepare(batch), 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = backend.forward(q, k, v, k_cache, v_cache, backend.prepare(batch), 0.1)
+    graph.replay()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
