@@ -4,10 +4,10 @@ cached prefix, grow, compute their KV into newly appended blocks, index their fu
 and release them; other users that evict cached blocks and overwrite their KV.
 
 After every rule: I1, I2, I4 (core/invariants.check_pool), exact refcounts (I2), exclusive
-tails (I3), coverage (I5), conservation (I8), served KV = the sequence's tokens (I9,
-simulated KV) and agreement with the naive model of properties/reference_pool.py (I15):
-same refcounts, same free order, same blocks returned by allocate and match_prefix, same
-set of reachable cached blocks.
+tails (I3), coverage (I5), conservation (I8), served KV = the KV of the sequence's own
+token prefix (I9, simulated KV) and agreement with the naive model of
+properties/reference_pool.py (I15): same refcounts, same free order, same blocks returned by
+allocate and match_prefix, same set of reachable cached blocks.
 """
 from __future__ import annotations
 
