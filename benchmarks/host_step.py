@@ -8,12 +8,11 @@ import gc
 import random
 import time
 
-import torch
 
 from functional_llm.core import commit as C
 from functional_llm.core import scheduler as S
 from functional_llm.core.records import Request, SamplingParams, SchedConfig, new_state
-from functional_llm.runtime.staging import stage
+from functional_llm.runtime.staging import stage_host
 
 
 def main():
@@ -39,7 +38,7 @@ def main():
         t0 = time.perf_counter()
         st, plan = S.schedule(st, cfg)
         t1 = time.perf_counter()
-        stage(st, plan, cfg.block_size, torch.device("cpu"))
+        stage_host(st, plan, cfg.block_size)
         t2 = time.perf_counter()
         st, _ = C.commit(st, cfg, plan, [rng.randrange(10000) for _ in plan.rids])
         t3 = time.perf_counter()

@@ -109,8 +109,8 @@ def main():
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     n_out = sum(len(r.token_ids) for r in results)
-    report = dict(engine="functional_llm", backend=llm.engine.model.backend.name,
-                  block_size=llm.engine.sched.block_size, cuda_graphs=llm.engine.graphs is not None,
+    report = dict(engine="functional_llm", backend=llm.engine.runner.model.backend.name,
+                  block_size=llm.engine.sched.block_size, cuda_graphs=llm.engine.runner.graphs is not None,
                   gpu=torch.cuda.get_device_name(0), output_tokens=n_out, seconds=round(dt, 3),
                   tok_s=round(n_out / dt), copy_bw_TBs=round(bandwidth / 1e12, 3),
                   floor_s=round(floor, 3), pct_of_floor=round(100 * floor / dt, 1),

@@ -20,7 +20,7 @@ from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
 from functional_llm.outputs import RequestOutput
-from functional_llm.runtime.engine import DeviceModel, Engine
+from functional_llm.runtime.engine import DeviceModel, Engine, Runner
 from functional_llm.runtime.sampling import gumbel_argmax
 
 DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste on CPU
@@ -42,12 +42,18 @@ class LLM:
                  enable_prefix_caching: bool = True, dtype: Optional[str] = None,
                  device: Optional[str] = None, seed: int = 0,
                  attention_backend: Optional[str] = None, enforce_eager: bool = False,
-                 trace: Optional[str] = None):
+                 trace: Optional[str] = None, async_scheduling: Optional[bool] = None):
         """trace: a file path; every input, Plan, sampled token and core-state digest is
-        written there as JSON lines (`functional-llm replay PATH` checks it)."""
+        written there as JSON lines (`functional-llm replay PATH` checks it).
+        async_scheduling: schedule step k+1 while step k runs on the device (the pipelined
+        engine, runtime/engine.py); default on for GPUs, off on CPU (where the forward runs in
+        the caller's thread, nothing overlaps) and with a trace (traces record the synchronous
+        loop). Outputs are the same either way."""
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "num_kv_blocks"):
             _positive(name, locals()[name])
+        if async_scheduling and trace is not None:
+            raise InvalidConfig("async_scheduling", True, "traces record the synchronous loop: pass False")
         if model is None:
             from functional_llm.model.gguf import ensure_default_model
             model = ensure_default_model()
@@ -86,12 +92,15 @@ class LLM:
         model_fns = DeviceModel(params, cfg, backend)
         if device.type == "cuda" and not enforce_eager:
             model_fns = attrs.evolve(model_fns, argmax_fn=torch.compile(gumbel_argmax, dynamic=True))
+        if async_scheduling is None:
+            async_scheduling = device.type == "cuda" and trace is None
         writer = None
         if trace is not None:
             from functional_llm.core.trace import TraceWriter, header_record
             writer = TraceWriter(trace, header_record(sched, _trace_shell(
                 path, dtype, device, backend.name, enforce_eager, graphs, seed)))
-        self.engine = Engine(model_fns, kv, sched, device, cuda_graphs=graphs, trace=writer)
+        self.engine = Engine(Runner(model_fns, kv, sched, device, cuda_graphs=graphs), sched,
+                             pipeline=async_scheduling, trace=writer)
         self._next_id = 0
         self._live: dict[str, dict] = {}   # rid -> prompt, prompt ids, generated ids, text state
         # Long-lived start-up objects (tokenizer, configs, modules) leave the collector's view:

@@ -24,7 +24,7 @@ from functional_llm.kernels import get_backend
 from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
-from functional_llm.runtime.engine import DeviceModel, Engine
+from functional_llm.runtime.engine import DeviceModel, Engine, Runner
 from functional_llm.runtime.sampling import gumbel_noise
 from properties.profiles import budget
 from tests.tiny_models import make_tiny_model
@@ -57,7 +57,7 @@ def engine(block_size=16, num_blocks=64, budget_=512, max_num_seqs=8, caching=Tr
     sched = SchedConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=budget_, max_model_len=MAX_LEN,
                         eos_token_ids=cfg.eos_token_ids, enable_prefix_caching=caching)
-    return Engine(DeviceModel(_TINY["params"], cfg, get_backend("reference")), kv, sched, CPU)
+    return Engine(Runner(DeviceModel(_TINY["params"], cfg, get_backend("reference")), kv, sched, CPU), sched)
 
 
 def run(eng: Engine, requests, arrivals=None) -> dict:

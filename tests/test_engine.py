@@ -147,3 +147,48 @@ def test_incremental_api_and_abort(qwen3):
     assert seen[a].finish_reason == "length" and len(seen[a].token_ids) == 5
     assert seen[b].finish_reason is None and len(seen[b].token_ids) == 3
     assert llm.counters["blocks_in_use"] == 0
+
+
+def test_pipelined_engine_gives_the_synchronous_outputs(qwen3):
+    """async_scheduling (schedule k+1 before step k's tokens reach the host, its decode ids fed
+    from the device) against the synchronous loop: same tokens and finish reasons under EOS-like
+    stops, length limits, preemption, chunking, prefix hits, sampling and an abort; the rows of
+    sequences that ended while a later step was in flight are counted as dropped."""
+    ps = prompts(8, lo=5, hi=30, seed=7)
+    ps += [ps[0][:4] + [9, 9, 9] * 4, ps[0][:4] + [9, 9, 9] * 4 + [11]]   # prefix hits
+    sync = LLM(str(qwen3), block_size=4, async_scheduling=False)
+    free_run = sync.generate(ps, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    params = [SamplingParams(temperature=0.8 * (i % 2), top_k=20, seed=i, max_tokens=6 + i,
+                             stop_token_ids=[free_run[i].token_ids[2 + i % 3]]) for i in range(len(ps))]
+    want = sync.generate(ps, params, use_tqdm=False)
+    assert sum(o.finish_reason == "stop" for o in want) >= 3      # stops really happen
+    for kw in ({}, {"num_kv_blocks": 14}, {"max_num_batched_tokens": 9}):
+        piped = LLM(str(qwen3), block_size=4, async_scheduling=True, **kw)
+        got = piped.generate(ps, params, use_tqdm=False)
+        assert _tokens(got) == _tokens(want), kw
+        assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+        assert piped.engine.dropped_rows > 0
+        assert piped.counters["blocks_in_use"] == 0
+        if kw.get("num_kv_blocks"):
+            assert piped.counters["preemptions"] > 0
+        if kw.get("max_num_batched_tokens"):
+            assert piped.counters["chunked_prefills"] > 0
+        again = piped.generate(ps, params, use_tqdm=False)       # now served from the cache
+        assert _tokens(again) == _tokens(want) and piped.counters["cache_hit_tokens"] > 0
+    # the incremental API: abort while a step is in flight; the id can be reused at once
+    piped = LLM(str(qwen3), block_size=4, async_scheduling=True)
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    a = piped.add_request(ps[1], long, request_id="x")
+    piped.step(), piped.step(), piped.step()
+    piped.abort(a)
+    b = piped.add_request(ps[2], GREEDY, request_id="x")
+    outs = {}
+    while piped.has_unfinished_requests():
+        for o in piped.step():
+            outs[o.request_id] = o
+    assert b == "x" and list(outs["x"].token_ids) == list(want_greedy(sync, ps[2]))
+    assert piped.counters["blocks_in_use"] == 0 and piped.engine.dropped_rows > 0
+
+
+def want_greedy(llm, prompt):
+    return llm.generate(prompt, GREEDY, use_tqdm=False)[0].token_ids

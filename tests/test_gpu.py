@@ -90,5 +90,5 @@ def test_cuda_graph_decode_equals_eager_bf16(qwen3, backend):
                   enforce_eager=eager)
         runs[eager] = [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
         if not eager:
-            assert llm.engine.graphs is not None and llm.engine.graphs.graphs   # really replayed
+            assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs   # really replayed
     assert runs[True] == runs[False]

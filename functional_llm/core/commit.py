@@ -2,7 +2,9 @@
 
 commit runs after the device step has written the KV of every scheduled token: only then are
 newly completed blocks registered in the prefix index (registering earlier could serve KV
-that does not exist yet).
+that does not exist yet). It is two transitions, advance (token-independent) then resolve
+(the sampled tokens), so a pipelined engine can schedule step k+1 before step k's tokens
+reach the host.
 """
 from __future__ import annotations
 
@@ -32,51 +34,80 @@ def _index_blocks(pool, seq: Seq, cfg: SchedConfig, hash_fn):
     return pool, Seq(seq.req, seq.tokens, seq.num_computed, seq.block_table, tuple(hashes), seq.num_cached)
 
 
-def commit(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[int]
-           ) -> tuple[SchedState, Deltas]:
-    """Advance every planned sequence by its scheduled tokens and append the sampled token of
-    each sampling row (tokens[k] belongs to the k-th row with plan.sample True). Finished
-    sequences release their blocks and leave the state; their reasons are in the Deltas."""
+PENDING = -1   # a sampled token the host does not know yet (pipelined engine, see advance)
+
+
+def advance(state: SchedState, cfg: SchedConfig, plan: Plan) -> SchedState:
+    """The token-independent half of commit: every planned sequence has computed its scheduled
+    tokens (their KV is written); each sampling row gets a PENDING token at the position its
+    sample will fill; newly completed blocks are indexed. A PENDING token is never inside an
+    indexed block: it sits at position num_computed, past every computed token.
+
+    The pipelined engine runs advance right after launching a step, so the next step can be
+    scheduled while this one is still on the device; resolve fills the tokens in later."""
     hash_fn = cfg.hash_fn or B.chain_hash
-    pool, changed, finished = state.pool, {}, {}
-    out_rids, out_tokens, k = [], [], 0
-    caching, S, eos, max_len = cfg.enable_prefix_caching, cfg.block_size, cfg.eos_token_ids, cfg.max_model_len
+    pool, changed = state.pool, {}
+    caching, S = cfg.enable_prefix_caching, cfg.block_size
     seqs = state.seqs
     for rid, start, count, sample in zip(plan.rids, plan.starts, plan.counts, plan.sample):
-        seq = seqs[rid]
-        req = seq.req
-        if sample:  # per-step hot path: one Seq, one vector append, a few comparisons
-            tok = tokens[k]
-            k += 1
-            seq = Seq(req, seq.tokens.append(tok), start + count, seq.block_table,
-                      seq.block_hashes, seq.num_cached)
-            out_rids.append(rid)
-            out_tokens.append(tok)
-            p, n = req.params, len(seq.tokens) - len(req.prompt)
-            if (tok in p.stop_token_ids or (tok in eos and not p.ignore_eos)) and n > p.min_tokens:
-                finished[rid] = "stop"      # EOS / stop ids count only after min_tokens tokens
-            elif n >= p.max_tokens or len(seq.tokens) >= max_len:
-                finished[rid] = "length"
-        else:
-            seq = Seq(req, seq.tokens, start + count, seq.block_table, seq.block_hashes,
-                      seq.num_cached)
+        seq = seqs[rid]   # per-step hot path: one Seq and at most one vector append per row
+        assert seq.num_computed == start, f"{rid!r}: planned from {start}, computed {seq.num_computed}"
+        seq = Seq(seq.req, seq.tokens.append(PENDING) if sample else seq.tokens, start + count,
+                  seq.block_table, seq.block_hashes, seq.num_cached)
         if caching and seq.num_computed // S > len(seq.block_hashes):
             pool, seq = _index_blocks(pool, seq, cfg, hash_fn)
         changed[rid] = seq
-    assert k == len(tokens), f"{len(tokens)} tokens for {k} sampling rows"
-    seqs = dict(state.seqs)
+    seqs = dict(seqs)
     seqs.update(changed)
-    cached = {}
+    return attrs.evolve(state, seqs=MappingProxyType(seqs), pool=pool)
+
+
+def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[int]
+            ) -> tuple[SchedState, Deltas]:
+    """The token-dependent half of commit, for an advanced plan: tokens[k] (the k-th sampling
+    row's sample) replaces that row's PENDING token; then stop ids, EOS, max_tokens and
+    max_model_len decide who finishes. Finished sequences release their blocks and leave the
+    state wherever they are (a pipelined engine may have preempted one meanwhile)."""
+    finished, out_rids, out_tokens = {}, [], []
+    eos, max_len = cfg.eos_token_ids, cfg.max_model_len
+    seqs = dict(state.seqs)
+    rows = [(rid, start + count) for rid, start, count, smp
+            in zip(plan.rids, plan.starts, plan.counts, plan.sample) if smp]
+    assert len(rows) == len(tokens), f"{len(tokens)} tokens for {len(rows)} sampling rows"
+    for (rid, pos), tok in zip(rows, tokens):
+        seq = seqs[rid]
+        assert seq.tokens[pos] == PENDING, f"{rid!r}: no pending token at {pos}"
+        seq = seqs[rid] = Seq(seq.req, seq.tokens.set(pos, tok), seq.num_computed,
+                              seq.block_table, seq.block_hashes, seq.num_cached)
+        out_rids.append(rid)
+        out_tokens.append(tok)
+        p, n = seq.req.params, pos + 1 - len(seq.req.prompt)
+        if (tok in p.stop_token_ids or (tok in eos and not p.ignore_eos)) and n > p.min_tokens:
+            finished[rid] = "stop"          # EOS / stop ids count only after min_tokens tokens
+        elif n >= p.max_tokens or pos + 1 >= max_len:
+            finished[rid] = "length"
+    pool, cached = state.pool, {}
     for rid in finished:
         seq = seqs.pop(rid)
         pool = B.free(pool, seq.block_table)
         cached[rid] = seq.num_cached or 0
-    running = state.running
+    running, waiting = state.running, state.waiting
     if finished:
         running = tuple(r for r in running if r not in finished)
-    new = attrs.evolve(state, running=running, seqs=MappingProxyType(seqs), pool=pool)
+        if waiting:
+            waiting = tuple(r for r in waiting if r not in finished)
+    new = attrs.evolve(state, waiting=waiting, running=running, seqs=MappingProxyType(seqs), pool=pool)
     return new, Deltas(tuple(out_rids), tuple(out_tokens), MappingProxyType(finished),
                        MappingProxyType(cached))
+
+
+def commit(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[int]
+           ) -> tuple[SchedState, Deltas]:
+    """Fold a finished step into the state: advance every planned sequence by its scheduled
+    tokens, then append the sampled token of each sampling row (tokens[k] belongs to the k-th
+    row with plan.sample True). Finished sequences release their blocks and leave the state;
+    their reasons are in the Deltas. commit = resolve . advance (the synchronous engine)."""
+    return resolve(advance(state, cfg, plan), cfg, plan, tokens)
 
 
 def finish(state: SchedState, rid: str) -> SchedState:

@@ -213,6 +213,14 @@ class Plan:
     def num_tokens(self) -> int:
         return sum(self.counts)
 
+    def without(self, gone) -> tuple["Plan", tuple]:
+        """The plan with the rows of the rids in `gone` dropped, and for each sampling row of
+        this plan whether it is kept (to filter its sampled tokens alike)."""
+        keep = [rid not in gone for rid in self.rids]
+        rows = [r for r, k in zip(zip(self.rids, self.starts, self.counts, self.sample), keep) if k]
+        cols = tuple(map(tuple, zip(*rows))) if rows else ((), (), (), ())
+        return Plan(*cols, self.preempted), tuple(k for k, s in zip(keep, self.sample) if s)
+
 
 @attrs.frozen(slots=True)
 class Delta:

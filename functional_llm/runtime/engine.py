@@ -7,6 +7,7 @@ transition returned. The KV pool is the one in-place object (a donated buffer).
 from __future__ import annotations
 
 import attrs
+import numpy as np
 import torch
 
 from functional_llm.core import commit as C
@@ -15,18 +16,20 @@ from functional_llm.core import trace as T
 from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, new_state
 from functional_llm.runtime.graphs import DecodeGraphs
 from functional_llm.runtime.sampling import gumbel_argmax, sample
-from functional_llm.runtime.staging import StepInputs, stage_host, to_device
+from functional_llm.runtime.staging import HostInputs, StepInputs, stage_host, to_device
 from functional_llm.model.llama import compute_logits, forward
 
 
 @attrs.frozen(slots=True)
 class DeviceModel:
-    """What the device step closes over: weights, model config, attention backend."""
+    """What the device step closes over: weights, model config, attention backend, and the
+    tensor-parallel mesh (None on one device)."""
 
     params: dict
     cfg: object
     backend: object
     argmax_fn: object = gumbel_argmax    # a torch.compile'd copy on GPUs
+    mesh: object = None
 
 
 def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -34,23 +37,31 @@ def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> tor
     sampled token ids [Bs] (still on the device: the caller decides when to sync)."""
     attn = model.backend.prepare(inputs.attn)
     hidden = forward(model.params, model.cfg, inputs.input_ids, inputs.positions, attn, kv,
-                     model.backend)
-    logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows.long()])
+                     model.backend, model.mesh)
+    logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows.long()], model.mesh)
     return sample(logits, inputs.sampling, model.argmax_fn)
 
 
-class Engine:
-    """Incremental API: add_request / step / abort. Not thread-safe (one caller drives it)."""
+@attrs.frozen(slots=True)
+class Feed:
+    """Input ids the host does not know yet: ids[dst[i]] = src[index[i]], src being the
+    previous step's sampled tokens, still on the device (the pipelined engine)."""
+
+    dst: np.ndarray      # [F] int64 rows of the step's input ids
+    src: torch.Tensor    # [Bs'] the previous step's tokens on the device
+    index: np.ndarray    # [F] int64 rows of src
+
+
+class Runner:
+    """The device half of a step: host inputs in, sampled tokens (on the device) out. Owns the
+    weights, the KV pool and the decode graphs. Rank 0 and every tensor-parallel worker run
+    the same Runner on the same host inputs."""
 
     def __init__(self, model: DeviceModel, kv: torch.Tensor, sched: SchedConfig, device,
-                 cuda_graphs: bool = False, trace: T.TraceWriter | None = None):
+                 cuda_graphs: bool = False):
         """cuda_graphs: replay decode steps from CUDA graphs; kv then holds one extra block
-        past the pool (index sched.num_blocks) that padded graph rows write into.
-        trace: records every input, Plan, token and state digest (core/trace.py)."""
-        self.model, self.kv, self.sched, self.device = model, kv, sched, device
-        self.trace = trace
-        self.state = new_state(sched)
-        self._arrivals = 0
+        past the pool (index sched.num_blocks) that padded graph rows write into."""
+        self.model, self.kv, self.device = model, kv, device
         self.graphs = None
         if cuda_graphs:
             assert kv.shape[2] == sched.num_blocks + 1, "graphs need the scratch block"
@@ -62,6 +73,67 @@ class Engine:
         with torch.inference_mode():
             return device_step(self.model, self.kv, inputs)
 
+    def launch(self, host: HostInputs, feed: Feed | None = None) -> torch.Tensor:
+        """Queue the step on the device; returns its tokens [Bs] without waiting for them."""
+        if self.graphs is not None and self.graphs.fits(host):
+            return self.graphs.run(host, feed)
+        with torch.inference_mode():
+            inputs = to_device(host, self.device)
+            if feed is not None and len(feed.dst):
+                inputs.input_ids.index_copy_(0, _dev(feed.dst, self.device),
+                                             feed.src[_dev(feed.index, self.device)])
+            return device_step(self.model, self.kv, inputs)
+
+
+def _dev(a: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(a).to(device, non_blocking=True)
+
+
+class _InFlight:
+    """A launched step: its plan, its tokens on the device and their copy to the host."""
+
+    def __init__(self, plan, tokens: torch.Tensor):
+        self.plan, self.device_tokens, self.gone = plan, tokens, set()
+        self.row_of = {rid: k for k, rid in enumerate(r for r, s in zip(plan.rids, plan.sample) if s)}
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = tokens, None
+
+    def tokens(self) -> list:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+class Engine:
+    """Incremental API: add_request / step / abort. Not thread-safe (one caller drives it).
+
+    Synchronous loop: schedule -> launch -> wait for tokens -> commit. Pipelined loop
+    (pipeline=True): schedule k -> launch k -> resolve k-1 -> advance k, so the host's
+    scheduling and bookkeeping of one step run while the device computes the previous one;
+    the decode rows of step k read their input ids from step k-1's tokens on the device
+    (Feed), and each step() returns the deltas of the step before. A sequence that finishes
+    in resolve k-1 was already planned in step k: that row is wasted and dropped (Plan.without)
+    before advance k and resolve k; its blocks are released at once (step k's write into them
+    precedes, on the device stream, any later step that reuses them, and lands past every
+    indexed block)."""
+
+    def __init__(self, runner: Runner, sched: SchedConfig, pipeline: bool = False,
+                 trace: T.TraceWriter | None = None):
+        """trace: records every input, Plan, token and state digest (core/trace.py); it needs
+        the synchronous loop (a replay re-runs schedule then commit)."""
+        assert not (pipeline and trace is not None), "traces record the synchronous loop"
+        self.runner, self.sched, self.pipeline = runner, sched, pipeline
+        self.trace = trace
+        self.state = new_state(sched)
+        self._arrivals = 0
+        self._flight: _InFlight | None = None
+        self.dropped_rows = 0   # pipelined: planned rows whose sequence ended while in flight
+
     # -- inputs from outside core ---------------------------------------------------------
     def check(self, req: Request) -> None:
         """Raise the typed error add() would raise, without admitting anything."""
@@ -71,24 +143,34 @@ class Engine:
         req = Request(rid, tuple(prompt), params, seed, self._arrivals)
         self.state = S.admit(self.state, self.sched, req)  # raises before any change
         self._arrivals += 1
+        if self._flight is not None and rid in self._flight.plan.rids:
+            self._flight.gone.add(rid)   # the in-flight row is an earlier request's
         if self.trace is not None:
             self.trace.write(T.arrival_record(req, self.state.counters.steps))
 
     def finish(self, rid: str, reason: str = "abort") -> None:
         """End a request for a reason decided outside core (stop string, abort)."""
         self.state = C.finish(self.state, rid)
+        if self._flight is not None:
+            self._flight.gone.add(rid)
         if self.trace is not None:
             self.trace.write(T.finish_record(rid, reason, self.state.counters.steps))
 
     def has_unfinished(self) -> bool:
-        return bool(self.state.waiting or self.state.running)
+        return bool(self.state.waiting or self.state.running or self._flight)
 
     @property
     def counters(self) -> Counters:
         return self.state.counters
 
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.runner.kv
+
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> Deltas:
+        if self.pipeline:
+            return self._pipelined_step()
         state, plan = S.schedule(self.state, self.sched)
         if not plan.rids:
             self.state, tokens, deltas = state, [], Deltas()
@@ -99,11 +181,34 @@ class Engine:
             self.trace.write(T.step_record(state.counters.steps - 1, plan, tokens, self.state, deltas))
         return deltas
 
+    def _pipelined_step(self) -> Deltas:
+        self.state, plan = S.schedule(self.state, self.sched)
+        prev, launched = self._flight, None
+        if plan.rids:
+            host = stage_host(self.state, plan, self.sched.block_size)
+            feed = None
+            if prev is not None:
+                dst = np.flatnonzero(host.ids == C.PENDING)
+                feed = Feed(dst, prev.device_tokens,
+                            np.fromiter((prev.row_of[plan.rids[r]] for r in host.row_of_token(dst)),
+                                        np.int64, len(dst)))
+            launched = _InFlight(plan, self.runner.launch(host, feed))
+        deltas = Deltas()
+        if prev is not None:
+            prev_plan, keep = prev.plan.without(prev.gone)
+            self.dropped_rows += len(prev.plan.rids) - len(prev_plan.rids)
+            tokens = [t for t, k in zip(prev.tokens(), keep) if k]
+            self.state, deltas = C.resolve(self.state, self.sched, prev_plan, tokens)
+            if launched is not None:
+                launched.gone.update(deltas.finished)
+        if launched is not None:
+            plan, _ = plan.without(launched.gone)
+            self.state = C.advance(self.state, self.sched, plan)
+        self._flight = launched
+        return deltas
+
     def device_tokens(self, state, plan) -> list:
         """Run the device step for a scheduled (state, plan): writes the KV, returns the sampled
         tokens. Also what `functional-llm replay --model` calls for each recorded step."""
         host = stage_host(state, plan, self.sched.block_size)
-        if self.graphs is not None and self.graphs.fits(host):
-            return self.graphs.run(host).tolist()
-        with torch.inference_mode():
-            return device_step(self.model, self.kv, to_device(host, self.device)).tolist()
+        return self.runner.launch(host).tolist()

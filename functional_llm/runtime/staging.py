@@ -43,6 +43,10 @@ class HostInputs:
         """One token per row, every row sampled: the shape CUDA graphs are captured for."""
         return self.max_q == 1 and len(self.sample_rows) == len(self.seq_lens)
 
+    def row_of_token(self, index: np.ndarray) -> np.ndarray:
+        """The row (sequence) of each token index into ids."""
+        return np.searchsorted(self.cu_q, index, side="right") - 1
+
 
 def stage_host(state: SchedState, plan: Plan, block_size: int) -> HostInputs:
     """Build the step's inputs from the post-schedule state (block tables are allocated)."""
@@ -87,8 +91,3 @@ def to_device(h: HostInputs, device) -> StepInputs:
                      block_tables=dev(h.tables), max_q=h.max_q, max_seq_len=int(h.seq_lens.max()))
     return StepInputs(dev(h.ids), dev(h.positions), attn, dev(h.sample_rows),
                       sampling_from_blocks(h.floats, h.ints, device))
-
-
-def stage(state: SchedState, plan: Plan, block_size: int, device) -> StepInputs:
-    """stage_host + to_device: the eager path."""
-    return to_device(stage_host(state, plan, block_size), device)
