@@ -5,7 +5,7 @@ model.safetensors) and loaded through the normal loader. 256 requests, prompt le
 100..1024, output lengths 100..1024 (random.seed(0)), temperature 0.6, ignore_eos.
 
     python benchmarks/throughput.py [--backend triton] [--num-seqs 256] [--block-size 16]
-                                    [--enforce-eager] [--hf]
+                                    [--enforce-eager] [--hf] [--sync] [--gaps]
 Prints one JSON line: output tokens, seconds, tok/s, copy bandwidth, floor and % of floor.
 """
 import argparse
@@ -90,6 +90,9 @@ def main():
     ap.add_argument("--kv-dtype", default=None, help="(8-bit KV cache: not implemented yet)")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also time HF generate on 16 requests")
+    ap.add_argument("--sync", action="store_true", help="async_scheduling off (the synchronous loop)")
+    ap.add_argument("--gaps", action="store_true",
+                    help="time the device's idle gaps between steps (CUDA events around each launch)")
     args = ap.parse_args()
     from functional_llm import LLM, SamplingParams
 
@@ -98,11 +101,12 @@ def main():
     floor = floor_seconds(prompts, outs, bandwidth)
     folder = random_model(tempfile.mkdtemp(prefix="qwen3-0.6b-random-"))
     llm = LLM(folder, attention_backend=args.backend, block_size=args.block_size, max_model_len=4096,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, async_scheduling=not args.sync)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in outs]
     # warm-up: batch sizes shrink from 256 to 1, so every decode graph bucket gets captured
     warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1 + i % 64) for i in range(len(outs))]
     llm.generate([[20000 + t for t in p[:64]] for p in prompts], warm, use_tqdm=False)  # no shared prefix
+    events = watch_launches(llm.engine.runner) if args.gaps else None
     torch.cuda.synchronize()
     t = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False)
@@ -114,10 +118,40 @@ def main():
                   gpu=torch.cuda.get_device_name(0), output_tokens=n_out, seconds=round(dt, 3),
                   tok_s=round(n_out / dt), copy_bw_TBs=round(bandwidth / 1e12, 3),
                   floor_s=round(floor, 3), pct_of_floor=round(100 * floor / dt, 1),
-                  steps=llm.counters["steps"], preemptions=llm.counters["preemptions"])
+                  steps=llm.counters["steps"], preemptions=llm.counters["preemptions"],
+                  async_scheduling=llm.engine.pipeline)
+    if events:
+        report.update(gap_summary(events, dt))
     if args.hf:
         report["hf_tok_s"] = round(hf_generate(folder, prompts[:16], outs[:16]))
     print(json.dumps(report), flush=True)
+
+
+def watch_launches(runner) -> list:
+    """Record a CUDA event on the stream before and after every step the runner launches."""
+    events, launch = [], runner.launch
+
+    def timed(*a, **k):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = launch(*a, **k)
+        end.record()
+        events.append((start, end))
+        return out
+
+    runner.launch = timed
+    return events
+
+
+def gap_summary(events, seconds) -> dict:
+    """The device's idle time between steps: from one step's end to the next one's start
+    (the start event completes when the host has queued it, or when the previous work ends)."""
+    gaps = [e.elapsed_time(s) for (_, e), (s, _) in zip(events, events[1:])]
+    busy = [s.elapsed_time(e) for s, e in events]
+    gaps.sort()
+    return dict(gap_ms_total=round(sum(gaps)), gap_ms_median=round(gaps[len(gaps) // 2], 3),
+                gap_pct=round(100 * sum(gaps) / 1e3 / seconds, 1),
+                step_ms_median=round(sorted(busy)[len(busy) // 2], 3))
 
 
 def hf_generate(folder, prompts, outs) -> float:

@@ -80,15 +80,18 @@ def test_bf16_logits_close_to_fp32(qwen3):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_cuda_graph_decode_equals_eager_bf16(qwen3, backend):
     """Decode replayed from CUDA graphs (padded to a bucket, compiled sampler) gives the eager
-    engine's tokens, greedy and seeded."""
+    engine's tokens, greedy and seeded; so does the pipelined engine (async scheduling, decode
+    ids fed from the previous step's tokens on the device) with graphs."""
     ps = prompts(5, seed=4)
-    sp = [SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=40, ignore_eos=True)
+    sp = [SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=40 + 3 * i, ignore_eos=True)
           for i in range(5)]
     runs = {}
-    for eager in (True, False):
+    for eager, piped in ((True, False), (False, False), (False, True)):
         llm = LLM(str(qwen3), device="cuda", dtype="bfloat16", attention_backend=backend,
-                  enforce_eager=eager)
-        runs[eager] = [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
+                  enforce_eager=eager, async_scheduling=piped)
+        runs[eager, piped] = [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
         if not eager:
             assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs   # really replayed
-    assert runs[True] == runs[False]
+        if piped:
+            assert llm.engine.dropped_rows > 0    # rows of finished requests were in flight
+    assert runs[True, False] == runs[False, False] == runs[False, True]
