@@ -11,8 +11,10 @@ L layers, N blocks, S block size.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Callable
 
+import attrs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -49,6 +51,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual update and the next norm: (x + delta, rms_norm(x + delta))."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
+                 k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, D], k [T, K, D] -> per-head RMSNorm over D (Qwen3, when weights are given),
+    then the rotation."""
+    if q_weight is not None:
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2F] (gate rows then up rows) -> silu(gate) * up [T, F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@attrs.frozen
+class Ops:
+    """The elementwise pieces of a layer, between the matmuls, attention and collectives.
+    Eager by default; `compiled_ops()` gives torch.compile'd copies (each piece one fused
+    kernel instead of 5-10: on a GPU a decode step is otherwise launch-bound)."""
+
+    norm: Callable = rms_norm
+    add_norm: Callable = add_rms_norm
+    qk_rope: Callable = qk_norm_rope
+    silu_mul: Callable = silu_mul
+
+
+EAGER = Ops()
+
+
+def compiled_ops() -> Ops:
+    c = functools.partial(torch.compile, dynamic=True)
+    return Ops(c(rms_norm), c(add_rms_norm), c(qk_norm_rope), c(silu_mul))
+
+
 def all_reduce(x: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
     """Sum x over the ranks of `mesh`, in place (x is a fresh activation no one else holds);
     returns x. No-op with no mesh or one rank."""
@@ -75,7 +120,7 @@ def embed(params: dict, cfg: ModelConfig, input_ids: torch.Tensor,
 
 def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
               cos: torch.Tensor, sin: torch.Tensor, batch: AttnBatch, kv: torch.Tensor,
-              backend: AttentionBackend, mesh: Mesh | None = None) -> torch.Tensor:
+              backend: AttentionBackend, mesh: Mesh | None = None, ops: Ops = EAGER) -> torch.Tensor:
     """x [T, E] (already normed) -> [T, E]. Writes this step's K/V into kv[layer]. H and K
     are the rank's heads (cfg_for_rank); o_proj then yields a partial sum over them."""
     p = f"model.layers.{layer}.self_attn."
@@ -84,19 +129,18 @@ def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
     qkv = F.linear(x, params[p + "qkv_proj.weight"], params.get(p + "qkv_proj.bias"))
     q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
     q, k, v = q.view(T, H, D), k.view(T, K, D), v.view(T, K, D)
-    if cfg.qk_norm:  # Qwen3: per-head RMSNorm over D, before the rotation
-        q = rms_norm(q, params[p + "q_norm.weight"], cfg.rms_norm_eps)
-        k = rms_norm(k, params[p + "k_norm.weight"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = ops.qk_rope(q, k, params.get(p + "q_norm.weight"), params.get(p + "k_norm.weight"),
+                       cos, sin, cfg.rms_norm_eps)   # Qwen3 norms q and k per head first
     out = backend.forward(q, k, v, kv[layer, 0], kv[layer, 1], batch, D ** -0.5)  # [T, H, D]
     return all_reduce(F.linear(out.reshape(T, H * D), params[p + "o_proj.weight"]), mesh)
 
 
-def mlp(params: dict, layer: int, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
+def mlp(params: dict, layer: int, x: torch.Tensor, mesh: Mesh | None = None,
+        ops: Ops = EAGER) -> torch.Tensor:
     """x [T, E] -> [T, E]: down(silu(gate(x)) * up(x)), summed over the ranks' ffw slices."""
     p = f"model.layers.{layer}.mlp."
-    gate, up = F.linear(x, params[p + "gate_up_proj.weight"]).chunk(2, dim=-1)
-    return all_reduce(F.linear(F.silu(gate) * up, params[p + "down_proj.weight"]), mesh)
+    hidden = ops.silu_mul(F.linear(x, params[p + "gate_up_proj.weight"]))
+    return all_reduce(F.linear(hidden, params[p + "down_proj.weight"]), mesh)
 
 
 def fuse_params(params: dict, cfg: ModelConfig) -> dict:
@@ -117,22 +161,25 @@ def fuse_params(params: dict, cfg: ModelConfig) -> dict:
 
 def forward(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor,
             batch: AttnBatch, kv: torch.Tensor, backend: AttentionBackend,
-            mesh: Mesh | None = None) -> torch.Tensor:
+            mesh: Mesh | None = None, ops: Ops = EAGER) -> torch.Tensor:
     """params: fuse_params(load_params(...)). input_ids [T] int64, positions [T] int64
     (absolute), batch prepared by `backend`,
     kv [L, 2, N, S, K, D] -> final-normed hidden [T, E]. Mutates only kv (new tokens' K/V).
     Tensor parallel: params of this rank (fuse_params(load_params_sharded(...))), cfg =
     cfg_for_rank(...) (K is then the rank's kv heads), and its mesh; every rank runs the same
-    step and gets the same hidden."""
+    step and gets the same hidden. ops: eager or compiled elementwise pieces (same math)."""
     x = embed(params, cfg, input_ids, mesh)                                  # [T, E]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    eps = cfg.rms_norm_eps
+    eps, L = cfg.rms_norm_eps, "model.layers.{}."
+    h = ops.norm(x, params[L.format(0) + "input_layernorm.weight"], eps)
     for i in range(cfg.num_layers):
-        h = rms_norm(x, params[f"model.layers.{i}.input_layernorm.weight"], eps)
-        x = x + attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh)
-        h = rms_norm(x, params[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
-        x = x + mlp(params, i, h, mesh)
-    return rms_norm(x, params["model.norm.weight"], eps)
+        delta = attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh, ops)
+        x, h = ops.add_norm(x, delta, params[L.format(i) + "post_attention_layernorm.weight"], eps)
+        delta = mlp(params, i, h, mesh, ops)
+        nxt = (L.format(i + 1) + "input_layernorm.weight" if i + 1 < cfg.num_layers
+               else "model.norm.weight")
+        x, h = ops.add_norm(x, delta, params[nxt], eps)
+    return h
 
 
 def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor,

@@ -17,7 +17,7 @@ from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, 
 from functional_llm.runtime.graphs import DecodeGraphs
 from functional_llm.runtime.sampling import gumbel_argmax, sample
 from functional_llm.runtime.staging import HostInputs, StepInputs, stage_host, to_device
-from functional_llm.model.llama import compute_logits, forward
+from functional_llm.model.llama import EAGER, Ops, compute_logits, forward
 
 
 @attrs.frozen(slots=True)
@@ -30,6 +30,7 @@ class DeviceModel:
     backend: object
     argmax_fn: object = gumbel_argmax    # a torch.compile'd copy on GPUs
     mesh: object = None
+    ops: Ops = EAGER                     # compiled_ops() on GPUs
 
 
 def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -37,7 +38,7 @@ def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> tor
     sampled token ids [Bs] (still on the device: the caller decides when to sync)."""
     attn = model.backend.prepare(inputs.attn)
     hidden = forward(model.params, model.cfg, inputs.input_ids, inputs.positions, attn, kv,
-                     model.backend, model.mesh)
+                     model.backend, model.mesh, model.ops)
     logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows.long()], model.mesh)
     return sample(logits, inputs.sampling, model.argmax_fn)
 
