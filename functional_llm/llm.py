@@ -4,6 +4,7 @@ the engine state changes."""
 from __future__ import annotations
 
 import gc
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -19,8 +20,10 @@ from functional_llm.kernels import default_backend, get_backend
 from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
+from functional_llm.model.sharding import cfg_for_rank, load_params_sharded
 from functional_llm.outputs import RequestOutput
 from functional_llm.runtime.engine import DeviceModel, Engine, Runner
+from functional_llm.model.llama import compiled_ops
 from functional_llm.runtime.sampling import gumbel_argmax
 
 DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste on CPU
@@ -42,15 +45,22 @@ class LLM:
                  enable_prefix_caching: bool = True, dtype: Optional[str] = None,
                  device: Optional[str] = None, seed: int = 0,
                  attention_backend: Optional[str] = None, enforce_eager: bool = False,
-                 trace: Optional[str] = None, async_scheduling: Optional[bool] = None):
+                 trace: Optional[str] = None, async_scheduling: Optional[bool] = None,
+                 tensor_parallel_size: int = 1):
         """trace: a file path; every input, Plan, sampled token and core-state digest is
         written there as JSON lines (`functional-llm replay PATH` checks it).
         async_scheduling: schedule step k+1 while step k runs on the device (the pipelined
         engine, runtime/engine.py); default on for GPUs, off on CPU (where the forward runs in
         the caller's thread, nothing overlaps) and with a trace (traces record the synchronous
-        loop). Outputs are the same either way."""
+        loop). Outputs are the same either way.
+        tensor_parallel_size: split the model over this many ranks (runtime/tp.py): this
+        process is rank 0 and spawns the others (on GPUs rank r uses cuda:r), or, launched by
+        torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), every rank constructs the
+        LLM: rank 0's constructor returns as usual, a rank >= 1's serves steps until rank 0
+        closes, then raises SystemExit(0). Call close() (or use `with LLM(...) as llm:`) to stop
+        the workers; they are also stopped when the LLM is collected and at exit."""
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "num_kv_blocks"):
+                     "num_kv_blocks", "tensor_parallel_size"):
             _positive(name, locals()[name])
         if async_scheduling and trace is not None:
             raise InvalidConfig("async_scheduling", True, "traces record the synchronous loop: pass False")
@@ -61,46 +71,43 @@ class LLM:
         cfg = load_config(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _dtype(dtype, device)
-        params = fuse_params(load_params(path, cfg, dtype, device), cfg)
-        self.tokenizer = _tokenizer(path)
-        self.model_config, self.seed = cfg, seed
-
         backend = (get_backend(attention_backend) if attention_backend
                    else default_backend(device.type, dtype))
         if backend.name == "flash" and dtype == torch.float32:
             raise InvalidConfig("attention_backend", "flash", "flash-attn needs dtype bfloat16 or float16")
+        world = tensor_parallel_size
+        if world > 1:
+            _check_split(cfg, world, device)   # before any process starts
         # flash-attn 4's fast paged path reads whole 128-token pages; elsewhere 16 keeps prefix
         # reuse fine-grained and tail waste small
         block_size = block_size or (128 if backend.name == "flash" else DEFAULT_BLOCK_SIZE)
-        max_model_len = max_model_len or cfg.max_position_embeddings
-        per_block = cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-        if num_kv_blocks is None:
-            if device.type == "cuda":
-                budget = torch.cuda.mem_get_info(device)[0] * GPU_KV_FRACTION
-            else:
-                budget = CPU_KV_BYTES
-            num_kv_blocks = max(1, int(budget // per_block))
-        # CUDA graphs (decode) and a compiled sampler on GPUs, unless enforce_eager
-        graphs = device.type == "cuda" and not enforce_eager and getattr(backend, "capturable", False)
-        kv = torch.zeros(cfg.num_layers, 2, num_kv_blocks + graphs, block_size, cfg.num_kv_heads,
-                         cfg.head_dim, dtype=dtype, device=device)   # zeroed: see kernels/flash.py
-        sched = SchedConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                            max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens or max(8192, block_size),
-                            max_model_len=max_model_len, eos_token_ids=tuple(cfg.eos_token_ids),
-                            enable_prefix_caching=enable_prefix_caching)
-        model_fns = DeviceModel(params, cfg, backend)
-        if device.type == "cuda" and not enforce_eager:
-            model_fns = attrs.evolve(model_fns, argmax_fn=torch.compile(gumbel_argmax, dynamic=True))
-        if async_scheduling is None:
-            async_scheduling = device.type == "cuda" and trace is None
-        writer = None
-        if trace is not None:
-            from functional_llm.core.trace import TraceWriter, header_record
-            writer = TraceWriter(trace, header_record(sched, _trace_shell(
-                path, dtype, device, backend.name, enforce_eager, graphs, seed)))
-        self.engine = Engine(Runner(model_fns, kv, sched, device, cuda_graphs=graphs), sched,
-                             pipeline=async_scheduling, trace=writer)
+        spec = DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name,
+                          block_size, num_kv_blocks, max_num_seqs,
+                          max_num_batched_tokens or max(8192, block_size),
+                          max_model_len or cfg.max_position_embeddings, enforce_eager, world)
+        if world == 1:
+            runner, sched = build_runner(spec)
+        else:
+            from functional_llm.runtime import tp
+            runner, sched = tp.start(spec, build_runner)   # torchrun rank >= 1: SystemExit(0)
+        try:
+            sched = attrs.evolve(sched, eos_token_ids=tuple(cfg.eos_token_ids),
+                                 enable_prefix_caching=enable_prefix_caching)
+            self.tokenizer = _tokenizer(path)
+            self.model_config, self.seed = cfg, seed
+            if async_scheduling is None:
+                async_scheduling = device.type == "cuda" and trace is None
+            writer = None
+            if trace is not None:
+                from functional_llm.core.trace import TraceWriter, header_record
+                writer = TraceWriter(trace, header_record(sched, _trace_shell(
+                    path, dtype, device, backend.name, enforce_eager, runner.graphs is not None,
+                    seed, world)))
+            self.engine = Engine(runner, sched, pipeline=async_scheduling, trace=writer)
+        except BaseException:
+            if world > 1:
+                runner.close()    # stop the workers now, not at exit
+            raise
         self._next_id = 0
         self._live: dict[str, dict] = {}   # rid -> prompt, prompt ids, generated ids, text state
         # Long-lived start-up objects (tokenizer, configs, modules) leave the collector's view:
@@ -108,6 +115,26 @@ class LLM:
         # keep re-scanning everything loaded above.
         gc.collect()
         gc.freeze()
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (tensor_parallel_size > 1); idempotent. Nothing to
+        do on one device. A closed tensor-parallel LLM raises WorkerError on its next step."""
+        close = getattr(getattr(getattr(self, "engine", None), "runner", None), "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     # -- incremental API ----------------------------------------------------------------------
     def add_request(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,
@@ -264,6 +291,81 @@ class LLM:
         return [done[rid] for rid in rids]
 
 
+@attrs.frozen(slots=True)
+class DeviceSpec:
+    """Everything the device half (weights, KV pool, Runner) is built from: plain values, the
+    same on every tensor-parallel rank (spawned workers receive it)."""
+
+    model: str                    # the HF folder
+    dtype: str                    # "float32", "bfloat16", "float16"
+    device: str                   # with world > 1 on GPUs, rank r uses cuda:<local rank r>
+    attention_backend: str
+    block_size: int
+    num_kv_blocks: Optional[int]  # None: as many as the memory budget holds (min over ranks)
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enforce_eager: bool
+    world: int = 1                # tensor_parallel_size
+
+
+def _same(n: int) -> int:
+    return n
+
+
+def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
+    """One rank's device half: its weights (its shard when mesh.world > 1), a KV pool of its kv
+    heads, the Runner. agree(n) -> the block count every rank can hold (the minimum over the
+    ranks). Returns (runner, sched), sched with the scheduling limits the runner was built for
+    (the caller adds eos ids and prefix caching)."""
+    path, cfg = Path(spec.model), load_config(Path(spec.model))
+    device = torch.device(device if device is not None else spec.device)
+    dtype = _dtype(spec.dtype, device)
+    if mesh is not None and mesh.world > 1:
+        params = load_params_sharded(path, cfg, dtype, device, mesh.rank, mesh.world)
+        rank_cfg = cfg_for_rank(cfg, mesh.world)
+    else:
+        params, rank_cfg = load_params(path, cfg, dtype, device), cfg
+    params = fuse_params(params, cfg)
+    backend = get_backend(spec.attention_backend)
+    per_block = (rank_cfg.num_layers * 2 * spec.block_size * rank_cfg.num_kv_heads
+                 * rank_cfg.head_dim * dtype.itemsize)
+    num_blocks = spec.num_kv_blocks
+    if num_blocks is None:
+        if device.type == "cuda":
+            budget = torch.cuda.mem_get_info(device)[0] * GPU_KV_FRACTION
+        else:
+            budget = CPU_KV_BYTES
+        num_blocks = max(1, int(budget // per_block))
+    num_blocks = agree(num_blocks)
+    # CUDA graphs (decode) and a compiled sampler on GPUs, unless enforce_eager
+    graphs = device.type == "cuda" and not spec.enforce_eager and getattr(backend, "capturable", False)
+    kv = torch.zeros(rank_cfg.num_layers, 2, num_blocks + graphs, spec.block_size,
+                     rank_cfg.num_kv_heads, rank_cfg.head_dim, dtype=dtype,
+                     device=device)   # zeroed: see kernels/flash.py
+    sched = SchedConfig(block_size=spec.block_size, num_blocks=num_blocks,
+                        max_num_seqs=spec.max_num_seqs,
+                        max_num_batched_tokens=spec.max_num_batched_tokens,
+                        max_model_len=spec.max_model_len)
+    model_fns = DeviceModel(params, rank_cfg, backend, mesh=mesh)
+    if device.type == "cuda" and not spec.enforce_eager:
+        model_fns = attrs.evolve(model_fns, argmax_fn=torch.compile(gumbel_argmax, dynamic=True),
+                                 ops=compiled_ops())
+    return Runner(model_fns, kv, sched, device, cuda_graphs=graphs), sched
+
+
+def _check_split(cfg, world: int, device: torch.device) -> None:
+    """The InvalidConfig a tensor-parallel start would meet, raised before it starts anything."""
+    cfg_for_rank(cfg, world)      # names the tensor that cannot be split
+    if device.type == "cuda":
+        if device.index is not None:
+            raise InvalidConfig("device", str(device), "with tensor_parallel_size > 1 pass "
+                                "'cuda': rank r uses cuda:<local rank r>")
+        count = torch.cuda.device_count()
+        if world > count and "WORLD_SIZE" not in os.environ:
+            raise InvalidConfig("tensor_parallel_size", world, f"only {count} CUDA devices here")
+
+
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str):
         return [prompts]
@@ -274,14 +376,14 @@ def _as_prompt_list(prompts) -> list:
     return list(prompts)
 
 
-def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed) -> dict:
+def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed, world=1) -> dict:
     """A trace header's shell part: what a replay with the model needs, and what can make the
     same inputs give other tokens (versions, determinism flags)."""
     import platform
     from importlib.metadata import version
     return {"model": str(path), "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "attention_backend": backend, "enforce_eager": enforce_eager, "cuda_graphs": bool(graphs),
-            "seed": seed, "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
+            "seed": seed, "tensor_parallel_size": world, "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
                                        "python": platform.python_version(), "xxhash": xxhash.VERSION},
             "determinism": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "batch_invariant": False}}

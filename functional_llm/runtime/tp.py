@@ -1,0 +1,428 @@
+"""Tensor parallelism across processes: rank 0 drives the engine, ranks 1..N-1 are workers that
+mirror every device step on their shard of the weights.
+
+Two process groups. The data plane is the default group (NCCL on GPUs, gloo on CPU), the Mesh
+the forward all-reduces and all-gathers over. The control plane is a CPU gloo group over which
+rank 0 broadcasts each step's host inputs: every rank then runs the same Runner.launch on the
+same inputs, and since each rank computes the full logits and sampling is counter-based, every
+rank samples the same tokens (only rank 0's are read).
+
+Message: a fixed-length int64 header (kind, payload bytes, has-feed flag, then per field of
+HostInputs and the feed's dst/index arrays: dtype code, ndim, dims; an int field such as max_q
+is carried in the header itself), then one flat uint8 payload holding the arrays back to back,
+each padded to 8 bytes. Two broadcasts per step, no pickling. A pipelined step's feed reads the
+previous step's tokens on the device: a worker uses the tokens its own Runner last returned.
+
+Start-up: spawned (rank 0 creates a TCP store on a free port and starts N-1 processes of the
+torch.multiprocessing spawn context; each reports "ready" in the store, then all join the
+groups) or under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set: env:// rendezvous,
+nothing is spawned; a rank >= 1 serves steps inside the LLM constructor, then leaves the
+process with SystemExit(0)). Every rank builds its runner with the same `build` function; the
+KV pool size is the minimum over the ranks.
+
+Failures: rank 0 checks that its spawned workers are alive and have reported no error before
+each step; a worker that raises sends its traceback over a queue and exits, which closes its
+sockets, so a collective rank 0 is waiting in fails at once. Either way the caller gets a
+WorkerError naming the rank, and the remaining workers are stopped. Spawned workers exit when
+rank 0's process ends (they watch it), and gloo groups have finite timeouts.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+import weakref
+from datetime import timedelta
+
+import attrs
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from functional_llm.errors import FunctionalLLMError, InvalidConfig
+from functional_llm.model.sharding import Mesh
+from functional_llm.runtime.engine import Feed
+from functional_llm.runtime.staging import HostInputs
+
+STARTUP_TIMEOUT = timedelta(minutes=30)   # rank 0 waiting for workers to join and load weights
+STEP_TIMEOUT = timedelta(minutes=10)      # one collective of the forward
+IDLE_TIMEOUT = timedelta(days=30)         # a worker waiting for the next step (the user may idle)
+JOIN_TIMEOUT_S = 10.0                     # a worker's exit after "stop", before it is terminated
+REPORT_WAIT_S = 5.0                       # after a failed collective: wait this long for a report
+FAULT_ENV = "FUNCTIONAL_LLM_TP_FAULT"     # tests: "spawn", "joined" or "step:N" fails workers
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+_STEP, _STOP = 1, 2
+_HOST_FIELDS = tuple(f.name for f in attrs.fields(HostInputs))
+_FIELDS = _HOST_FIELDS + ("feed_dst", "feed_index")
+_HEADER_LEN = 3 + 4 * len(_FIELDS)        # kind, payload bytes, has feed; per field 4 slots
+_DTYPES = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.float64))
+_CODE = {dt: i + 1 for i, dt in enumerate(_DTYPES)}   # 0: an int carried in the header
+_NO_FEED = np.zeros(0, dtype=np.int64)
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel rank failed (or the workers were shut down); the LLM cannot step."""
+
+
+# ---- the message ----------------------------------------------------------------------------
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def encode(host: HostInputs, feed: Feed | None) -> tuple[np.ndarray, np.ndarray]:
+    """(header [_HEADER_LEN] int64, payload uint8) of one step."""
+    header = [_STEP, 0, int(feed is not None)]
+    values = [getattr(host, n) for n in _HOST_FIELDS]
+    values += [feed.dst, feed.index] if feed is not None else [_NO_FEED, _NO_FEED]
+    arrays, total = [], 0
+    for value in values:
+        if isinstance(value, (int, np.integer)):
+            header += (0, 0, int(value), 0)
+            continue
+        a = np.ascontiguousarray(value)
+        assert a.ndim <= 2, "the header holds two dimensions per array"
+        shape = a.shape + (0,) * (2 - a.ndim)
+        header += (_CODE[a.dtype], a.ndim, *shape)
+        arrays.append(a)
+        total += _pad8(a.nbytes)
+    header[1] = total
+    payload = np.empty(total, dtype=np.uint8)
+    off = 0
+    for a in arrays:
+        payload[off:off + a.nbytes] = a.reshape(-1).view(np.uint8)
+        off += _pad8(a.nbytes)
+    return np.array(header, dtype=np.int64), payload
+
+
+def decode(header: np.ndarray, payload: np.ndarray) -> tuple[HostInputs, np.ndarray | None,
+                                                              np.ndarray | None]:
+    """The inverse of encode: (host inputs, feed dst, feed index); the arrays are views of
+    payload, and dst/index are None when the step had no feed."""
+    h = header.tolist()
+    values, off = [], 0
+    for i in range(3, _HEADER_LEN, 4):
+        code, ndim, d0, d1 = h[i:i + 4]
+        if code == 0:
+            values.append(d0)
+            continue
+        dt = _DTYPES[code - 1]
+        shape = (d0, d1)[:ndim]
+        nbytes = d0 * (d1 if ndim == 2 else 1) * dt.itemsize
+        values.append(payload[off:off + nbytes].view(dt).reshape(shape))
+        off += _pad8(nbytes)
+    host = HostInputs(*values[:len(_HOST_FIELDS)])
+    if not h[2]:
+        return host, None, None
+    return host, values[-2], values[-1]
+
+
+# ---- groups -----------------------------------------------------------------------------------
+
+@attrs.frozen(slots=True)
+class Groups:
+    """One rank's process groups: data (the model's collectives) and control (step messages)."""
+
+    rank: int
+    world: int
+    data: object = attrs.field(eq=False)
+    control: object = attrs.field(eq=False)
+    owns_default: bool = True     # the default group was created here (destroyed on shutdown)
+
+    def agree_min(self, n: int) -> int:
+        """The minimum of n over the ranks (the KV pool size every rank can hold)."""
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
+
+    def destroy(self) -> None:
+        for group, mine in ((self.control, True), (None, self.owns_default)):
+            if mine and dist.is_initialized():
+                try:
+                    dist.destroy_process_group(group)
+                except Exception:   # already gone (a failed rank): nothing left to release
+                    pass
+
+
+def _join_groups(backend: str, rank: int, world: int, store=None) -> Groups:
+    """Join (or reuse, under torchrun) the default group, then create the control group."""
+    owns = not dist.is_initialized()
+    if owns:
+        where = {"store": store} if store is not None else {"init_method": "env://"}
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=STEP_TIMEOUT, **where)
+    elif dist.get_world_size() != world:
+        raise InvalidConfig("tensor_parallel_size", world, "the torch.distributed default group "
+                            f"of this process has {dist.get_world_size()} ranks")
+    control = dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT if rank == 0 else IDLE_TIMEOUT)
+    return Groups(rank, world, dist.group.WORLD, control, owns)
+
+
+def _fault(where: str) -> None:
+    if os.environ.get(FAULT_ENV) == where:
+        raise RuntimeError(f"injected fault at {where!r} ({FAULT_ENV})")
+
+
+def torchrun_rank() -> tuple[int, int, int] | None:
+    """(rank, world, local rank) when launched by torchrun (or with its variables set)."""
+    if not all(k in os.environ for k in _TORCHRUN_ENV):
+        return None
+    rank = int(os.environ["RANK"])
+    return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
+
+
+def _rank_device(spec, local_rank: int) -> torch.device:
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+# ---- rank 0 -----------------------------------------------------------------------------------
+
+class _Workers:
+    """Rank 0's handle on the other ranks: spawned processes (none under torchrun), their error
+    queue, the groups. Holds no reference to the runner, so it can be a finalizer."""
+
+    def __init__(self, procs, errors):
+        self.procs, self.errors = procs, errors
+        self.groups: Groups | None = None
+        self.failure: str | None = None
+
+    def check(self) -> None:
+        """Raise WorkerError if a worker reported an error or is no longer running."""
+        if self.failure is None:
+            report = self._report()
+            if report:
+                self.fail(report)
+        if self.failure is not None:
+            raise WorkerError(self.failure)
+
+    def _report(self) -> str | None:
+        if self.errors is not None and not self.errors.empty():
+            rank, text = self.errors.get()
+            return f"tensor-parallel rank {rank} failed:\n{text}"
+        for rank, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                return f"tensor-parallel rank {rank} exited with code {proc.exitcode}"
+        return None
+
+    def await_ready(self, store, deadline: float) -> None:
+        """Wait until every spawned worker has reached the rendezvous, checking on them."""
+        keys = [f"ready/{r}" for r in range(1, len(self.procs) + 1)]
+        while not store.check(keys):
+            try:
+                self.check()
+            except WorkerError as e:
+                if "exited with code" not in str(e):
+                    raise
+                raise WorkerError(f"{e} before joining: a spawned worker first imports the "
+                                  "main module; does the script guard its entry point with "
+                                  "`if __name__ == '__main__':`?") from None
+            if time.monotonic() > deadline:
+                self.fail(f"tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
+                raise WorkerError(self.failure)
+            time.sleep(0.02)
+
+    def wait_report(self) -> str | None:
+        """A worker's report (its traceback, or its exit), waiting up to REPORT_WAIT_S for one:
+        a worker that crashed is the usual reason a collective breaks."""
+        deadline = time.monotonic() + (REPORT_WAIT_S if self.procs else 0.0)
+        report = self._report()
+        while report is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            report = self._report()
+        return report
+
+    def failed(self, exc: BaseException) -> WorkerError:
+        """Stop everything after `exc` in a step; the error to raise (a worker's report if one
+        comes, else exc's description)."""
+        if self.failure is None:
+            report = self.wait_report() if isinstance(exc, Exception) else None
+            self.fail(report or "tensor-parallel step failed on rank 0 (under torchrun: see "
+                                f"the other ranks' logs): {type(exc).__name__}: {exc}")
+        return WorkerError(self.failure)
+
+    def fail(self, reason: str) -> None:
+        self.failure = reason
+        self.shutdown(graceful=False)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the workers (a "stop" message, then terminate whatever has not exited within
+        JOIN_TIMEOUT_S) and release the groups. Idempotent."""
+        if self.failure is None:
+            self.failure = "the tensor-parallel workers were shut down (LLM.close())"
+        if graceful and self.groups is not None:
+            try:
+                header = np.zeros(_HEADER_LEN, dtype=np.int64)
+                header[0] = _STOP
+                dist.broadcast(torch.from_numpy(header), 0, group=self.groups.control)
+            except Exception:
+                pass
+        deadline = time.monotonic() + (JOIN_TIMEOUT_S if graceful else 0.5)
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if self.groups is not None:
+            self.groups.destroy()
+            self.groups = None
+        self.procs = []
+        if self.errors is not None:
+            self.errors.close()
+            self.errors = None
+
+
+class TPRunner:
+    """Rank 0's Runner: each launch first broadcasts the step to the workers, then runs the
+    local Runner (whose forward meets the workers' in the collectives). Exposes the local
+    runner's model, kv and graphs; close() stops the workers (also at garbage collection and
+    at interpreter exit)."""
+
+    def __init__(self, local, workers: _Workers):
+        self.local, self._workers = local, workers
+        self._close = weakref.finalize(self, workers.shutdown)
+
+    model = property(lambda self: self.local.model)
+    kv = property(lambda self: self.local.kv)
+    graphs = property(lambda self: self.local.graphs)
+    device = property(lambda self: self.local.device)
+
+    def launch(self, host: HostInputs, feed: Feed | None = None) -> torch.Tensor:
+        workers = self._workers
+        workers.check()
+        try:
+            header, payload = encode(host, feed)
+            control = workers.groups.control
+            dist.broadcast(torch.from_numpy(header), 0, group=control)
+            if len(payload):
+                dist.broadcast(torch.from_numpy(payload), 0, group=control)
+            return self.local.launch(host, feed)
+        except Exception as e:
+            raise workers.failed(e) from e
+        except BaseException:        # interrupted half-way: the ranks are out of step
+            workers.fail("a step was interrupted on rank 0; the workers were stopped")
+            raise
+
+    def close(self) -> None:
+        self._close()
+
+
+def start(spec, build):
+    """Start tensor parallelism over spec.world ranks; returns rank 0's (TPRunner, SchedConfig).
+    Under torchrun a rank >= 1 instead serves steps until rank 0 stops it, then raises
+    SystemExit(0). build(spec, mesh, device, agree) -> (Runner, SchedConfig) builds one rank's
+    device half (a module-level function: spawned workers receive it by name)."""
+    env = torchrun_rank()
+    if env is not None:
+        rank, world, local_rank = env
+        if world != spec.world:
+            raise InvalidConfig("tensor_parallel_size", spec.world,
+                                f"must equal WORLD_SIZE={world} when launched by torchrun")
+        device = _rank_device(spec, local_rank)
+        groups = _join_groups(_backend(device), rank, world)
+        if rank > 0:
+            try:
+                serve(build, spec, groups, device)
+            finally:
+                groups.destroy()
+            raise SystemExit(0)
+        return _start_rank0(spec, build, _Workers([], None), lambda: groups, device)
+
+    if dist.is_initialized():
+        raise InvalidConfig("tensor_parallel_size", spec.world, "this process already has a "
+                            "torch.distributed default group (another LLM with "
+                            "tensor_parallel_size > 1 still open?): close it first, or launch "
+                            "every rank with torchrun")
+    device = _rank_device(spec, 0)
+    ctx = mp.get_context("spawn")
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=STARTUP_TIMEOUT,
+                          wait_for_workers=False)     # port 0: the OS picks a free one
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_spawned_worker, name=f"functional_llm-tp{rank}",
+                         args=(build, spec, rank, store.port, errors))
+             for rank in range(1, spec.world)]
+    workers = _Workers([], errors)
+
+    def join():
+        for proc in procs:
+            proc.start()
+            workers.procs.append(proc)    # only started processes are joined at shutdown
+        workers.await_ready(store, time.monotonic() + STARTUP_TIMEOUT.total_seconds())
+        return _join_groups(_backend(device), 0, spec.world, store)
+
+    return _start_rank0(spec, build, workers, join, device)
+
+
+def _start_rank0(spec, build, workers: _Workers, join, device):
+    try:
+        workers.groups = groups = join()
+        local, sched = build(spec, Mesh(0, spec.world, groups.data), device, groups.agree_min)
+    except WorkerError:
+        raise
+    except BaseException as e:
+        # rank 0's own typed error (a bad model folder...) is re-raised as is; a broken
+        # collective is most likely a worker's failure: raise that worker's account
+        report = None
+        if isinstance(e, Exception) and not isinstance(e, FunctionalLLMError):
+            report = workers.wait_report()
+        workers.fail(report or f"start-up failed on rank 0: {type(e).__name__}: {e}")
+        if report:
+            raise WorkerError(report) from e
+        raise
+    return TPRunner(local, workers), sched
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+# ---- workers ----------------------------------------------------------------------------------
+
+def serve(build, spec, groups: Groups, device) -> None:
+    """A worker rank: build this rank's runner, then run every step rank 0 broadcasts, until a
+    "stop" message."""
+    _fault("joined")
+    runner, _ = build(spec, Mesh(groups.rank, groups.world, groups.data), device, groups.agree_min)
+    header = torch.empty(_HEADER_LEN, dtype=torch.int64)
+    last, step = None, 0
+    while True:
+        dist.broadcast(header, 0, group=groups.control)
+        h = header.numpy().copy()
+        if h[0] == _STOP:
+            return
+        payload = torch.empty(int(h[1]), dtype=torch.uint8)
+        if len(payload):
+            dist.broadcast(payload, 0, group=groups.control)
+        host, dst, index = decode(h, payload.numpy())
+        _fault(f"step:{step}")
+        last = runner.launch(host, None if dst is None else Feed(dst, last, index))
+        step += 1
+
+
+def _spawned_worker(build, spec, rank: int, port: int, errors) -> None:
+    """Entry point of a spawned rank (rank >= 1)."""
+    parent = mp.parent_process()
+    if parent is not None:    # rank 0's process ended (even by SIGKILL): leave with it
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+    try:
+        _fault("spawn")
+        if torch.device(spec.device).type == "cpu":   # share the cores with the other ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
+        device = _rank_device(spec, rank)
+        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=STARTUP_TIMEOUT)
+        store.set(f"ready/{rank}", "1")
+        groups = _join_groups(_backend(device), rank, spec.world, store)
+        serve(build, spec, groups, device)
+        groups.destroy()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        os._exit(1)   # no teardown: the OS closes the sockets, which wakes rank 0's collective
