@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--kv-dtype", default=None, help="(8-bit KV cache: not implemented yet)")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also time HF generate on 16 requests")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--sync", action="store_true", help="async_scheduling off (the synchronous loop)")
     ap.add_argument("--gaps", action="store_true",
                     help="time the device's idle gaps between steps (CUDA events around each launch)")
@@ -101,7 +102,8 @@ def main():
     floor = floor_seconds(prompts, outs, bandwidth)
     folder = random_model(tempfile.mkdtemp(prefix="qwen3-0.6b-random-"))
     llm = LLM(folder, attention_backend=args.backend, block_size=args.block_size, max_model_len=4096,
-              enforce_eager=args.enforce_eager, async_scheduling=not args.sync)
+              enforce_eager=args.enforce_eager, async_scheduling=not args.sync,
+              tensor_parallel_size=args.tp)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in outs]
     # warm-up: batch sizes shrink from 256 to 1, so every decode graph bucket gets captured
     warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1 + i % 64) for i in range(len(outs))]
@@ -119,7 +121,7 @@ def main():
                   tok_s=round(n_out / dt), copy_bw_TBs=round(bandwidth / 1e12, 3),
                   floor_s=round(floor, 3), pct_of_floor=round(100 * floor / dt, 1),
                   steps=llm.counters["steps"], preemptions=llm.counters["preemptions"],
-                  async_scheduling=llm.engine.pipeline)
+                  async_scheduling=llm.engine.pipeline, tensor_parallel_size=args.tp)
     if events:
         report.update(gap_summary(events, dt))
     if args.hf:
@@ -131,12 +133,12 @@ def watch_launches(runner) -> list:
     """Record a CUDA event on the stream before and after every step the runner launches."""
     events, launch = [], runner.launch
 
-    def timed(*a, **k):
+    def timed(host, *a, **k):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = launch(*a, **k)
+        out = launch(host, *a, **k)
         end.record()
-        events.append((start, end))
+        events.append((start, end, host.is_decode))
         return out
 
     runner.launch = timed
@@ -146,12 +148,14 @@ def watch_launches(runner) -> list:
 def gap_summary(events, seconds) -> dict:
     """The device's idle time between steps: from one step's end to the next one's start
     (the start event completes when the host has queued it, or when the previous work ends)."""
-    gaps = [e.elapsed_time(s) for (_, e), (s, _) in zip(events, events[1:])]
-    busy = [s.elapsed_time(e) for s, e in events]
-    gaps.sort()
-    return dict(gap_ms_total=round(sum(gaps)), gap_ms_median=round(gaps[len(gaps) // 2], 3),
-                gap_pct=round(100 * sum(gaps) / 1e3 / seconds, 1),
-                step_ms_median=round(sorted(busy)[len(busy) // 2], 3))
+    gaps = [e.elapsed_time(s) for (_, e, _), (s, _, _) in zip(events, events[1:])]
+    busy = [s.elapsed_time(e) for s, e, _ in events]
+    decode = [b for b, (_, _, d) in zip(busy, events) if d]
+    return dict(gap_ms_total=round(sum(gaps)), gap_ms_median=round(sorted(gaps)[len(gaps) // 2], 3),
+                gap_ms_max=round(max(gaps), 1), gap_pct=round(100 * sum(gaps) / 1e3 / seconds, 1),
+                step_ms_median=round(sorted(busy)[len(busy) // 2], 3),
+                decode_busy_ms=round(sum(decode)), other_busy_ms=round(sum(busy) - sum(decode)),
+                decode_steps=len(decode))
 
 
 def hf_generate(folder, prompts, outs) -> float:
