@@ -1,7 +1,8 @@
-"""Planted-bug check: apply known mutants to a temporary copy of functional_llm/core and show
-that the property suite catches every one.
+"""Planted-bug check: apply known mutants to a temporary copy of functional_llm/ (core/, and
+the pipelined engine's order in runtime/engine.py) and show that the property suite catches
+every one.
 
-    python -m properties.mutants                 # core properties, ~3 minutes on 2 cores
+    python -m properties.mutants                 # core properties, ~5 minutes on 2 cores
     python -m properties.mutants --with-model    # also the tiny-model differential properties
     python -m properties.mutants --only free_shared_block
 
@@ -28,7 +29,8 @@ import attrs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CORE_TESTS = ["properties/test_pool_machine.py", "properties/test_scheduler_machine.py",
-              "properties/test_hashing.py", "properties/test_trace_roundtrip.py"]
+              "properties/test_pipeline_machine.py", "properties/test_hashing.py",
+              "properties/test_trace_roundtrip.py"]
 MODEL_TESTS = ["properties/test_model_differential.py"]
 
 
@@ -36,7 +38,7 @@ MODEL_TESTS = ["properties/test_model_differential.py"]
 class Mutant:
     name: str
     what: str
-    file: str                 # relative to functional_llm/core/
+    file: str                 # relative to functional_llm/
     edits: tuple              # (old, new) pairs; each old must occur exactly once
 
 
@@ -46,33 +48,48 @@ def _m(name, what, file, *edits):
 
 MUTANTS = (
     _m("append_off_by_one", "schedule appends blocks for one token fewer than scheduled",
-       "scheduler.py", ("B.blocks_for(seq.num_computed + n, S)", "B.blocks_for(seq.num_computed + n - 1, S)")),
+       "core/scheduler.py", ("B.blocks_for(seq.num_computed + n, S)", "B.blocks_for(seq.num_computed + n - 1, S)")),
     _m("free_shared_block", "free drops every reference of a block, shared or not",
-       "blocks.py", ("        ref[b] -= 1\n        if ref[b] == 0:", "        ref[b] = 0\n        if ref[b] == 0:")),
+       "core/blocks.py", ("        ref[b] -= 1\n        if ref[b] == 0:", "        ref[b] = 0\n        if ref[b] == 0:")),
     _m("match_last_partial_block", "match_prefix also tries the last (partial) block",
-       "blocks.py", ("for j in range((len(tokens) - 1) // S):", "for j in range(-(-len(tokens) // S)):")),
+       "core/blocks.py", ("for j in range((len(tokens) - 1) // S):", "for j in range(-(-len(tokens) // S)):")),
     _m("hash_before_kv", "commit indexes blocks full of tokens, not of computed KV",
-       "commit.py", ("full = seq.num_computed // S", "full = len(seq.tokens) // S"),
+       "core/commit.py", ("full = seq.num_computed // S", "full = len(seq.tokens) // S"),
        ("caching and seq.num_computed // S >", "caching and len(seq.tokens) // S >")),
     _m("keep_hash_on_evict", "allocate reuses a cached block without dropping its hash",
-       "blocks.py", ("            info = cached.get(b)\n", "            info = None\n")),
+       "core/blocks.py", ("            info = cached.get(b)\n", "            info = None\n")),
     _m("keep_num_computed_on_preempt", "a preempted sequence keeps its num_computed",
-       "scheduler.py", ("return Seq(seq.req, seq.tokens, 0, NO_BLOCKS,",
+       "core/scheduler.py", ("return Seq(seq.req, seq.tokens, 0, NO_BLOCKS,",
                         "return Seq(seq.req, seq.tokens, seq.num_computed, NO_BLOCKS,")),
     _m("trust_the_hash", "match_prefix believes the hash, skipping the token comparison",
-       "blocks.py", ("if info is None or info.tokens != block_tokens or info.parent != parent:",
+       "core/blocks.py", ("if info is None or info.tokens != block_tokens or info.parent != parent:",
                      "if info is None or info.parent != parent:")),
     _m("ignore_parent_link", "match_prefix skips the parent-link comparison",
-       "blocks.py", ("if info is None or info.tokens != block_tokens or info.parent != parent:",
+       "core/blocks.py", ("if info is None or info.tokens != block_tokens or info.parent != parent:",
                      "if info is None or info.tokens != block_tokens:")),
     _m("budget_not_charged", "running sequences do not use up the token budget",
-       "scheduler.py", ("        budget -= n\n        i += 1", "        i += 1")),
+       "core/scheduler.py", ("        budget -= n\n        i += 1", "        i += 1")),
     _m("leak_on_finish", "commit does not free a finished sequence's blocks",
-       "commit.py", ("        pool = B.free(pool, seq.block_table)\n        cached[rid]", "        cached[rid]")),
+       "core/commit.py", ("        pool = B.free(pool, seq.block_table)\n        cached[rid]", "        cached[rid]")),
     _m("compaction_loses_positions", "free-queue compaction keeps the blocks, not their positions",
-       "blocks.py", ("        queued_at[b] = i\n", "        queued_at[b] = queued_at[b]\n")),
+       "core/blocks.py", ("        queued_at[b] = i\n", "        queued_at[b] = queued_at[b]\n")),
     _m("free_first_block_first", "free queues a table's first block first (tails outlive prefixes)",
-       "blocks.py", ("for b in reversed([int(b) for b in blocks]):", "for b in [int(b) for b in blocks]:")),
+       "core/blocks.py", ("for b in reversed([int(b) for b in blocks]):", "for b in [int(b) for b in blocks]:")),
+    _m("resolve_leaves_it_waiting", "resolve drops a finished sequence preempted meanwhile "
+       "from seqs but leaves it waiting", "core/commit.py",
+       ("        if waiting:\n            waiting = tuple(r for r in waiting if r not in finished)\n", "")),
+    _m("index_pending_block", "advance counts full blocks one token too far (indexes the block "
+       "of the pending token)", "core/commit.py", ("full = seq.num_computed // S", "full = (seq.num_computed + 1) // S"),
+       ("caching and seq.num_computed // S >", "caching and (seq.num_computed + 1) // S >")),
+    _m("without_keeps_gone_rows", "Plan.without drops no rows", "core/records.py",
+       ("keep = [rid not in gone for rid in self.rids]", "keep = [True for rid in self.rids]")),
+    _m("engine_resolve_after_advance", "the pipelined engine advances step k before resolving k-1",
+       "runtime/engine.py",
+       ("        if launched is not None:\n            plan, _ = plan.without(launched.gone)\n"
+        "            self.state = C.advance(self.state, self.sched, plan)\n", ""),
+       ("        deltas = Deltas()\n        if prev is not None:\n",
+        "        if launched is not None:\n            self.state = C.advance(self.state, self.sched, plan)\n"
+        "        deltas = Deltas()\n        if prev is not None:\n")),
 )
 
 
@@ -88,12 +105,12 @@ def make_workspace() -> pathlib.Path:
 
 
 def apply(work: pathlib.Path, mutant: Mutant) -> None:
-    path = work / "functional_llm" / "core" / mutant.file
+    path = work / "functional_llm" / mutant.file
     text = path.read_text()
     for old, new in mutant.edits:
         if text.count(old) != 1:
             raise SystemExit(f"mutant {mutant.name}: {old!r} occurs {text.count(old)} times in "
-                             f"core/{mutant.file}; update properties/mutants.py")
+                             f"{mutant.file}; update properties/mutants.py")
         text = text.replace(old, new)
     path.write_text(text)
 
@@ -124,9 +141,9 @@ def run_suite(work: pathlib.Path, tests: list) -> dict:
         failure = case.find("failure") if case.find("failure") is not None else case.find("error")
         if failure is None:
             results[case.get("name")] = None
-        else:
-            text = (failure.get("message") or "") + (failure.text or "")
-            results[case.get("name")] = sorted(set(re.findall(r"\b(I\d+)[:\s]", text)),
+        else:   # the exception's own message: the traceback's source lines name invariants too
+            text = failure.get("message") or ""
+            results[case.get("name")] = sorted(set(re.findall(r"\b(I\d+)(?=[:\s]|$)", text)),
                                                key=lambda t: int(t[1:])) or ["?"]
     return results
 
@@ -140,24 +157,29 @@ def main(argv=None) -> int:
     tests = CORE_TESTS + (MODEL_TESTS if args.with_model else [])
     mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
     baseline = run_mutant(None, tests)
-    bad = [t for t, r in baseline.items() if r is not None]
-    if bad or not baseline:
-        print(f"the unmutated suite does not pass: {bad or 'no tests ran'}")
+    if failures(baseline) or not baseline:
+        print(f"the unmutated suite does not pass: {sorted(failures(baseline)) or 'no tests ran'}")
         return 2
+    caught = {}
     with ThreadPoolExecutor(args.jobs) as pool:     # each run is its own pytest process
         futures = {pool.submit(run_mutant, m, tests): m for m in mutants}
         for future in as_completed(futures):
-            caught = {t: r for t, r in future.result().items() if r is not None}
-            print(f"{futures[future].name:30s} {'CAUGHT' if caught else 'MISSED'} by {len(caught)} test(s)",
+            m = futures[future]
+            caught[m.name] = failures(future.result())
+            print(f"{m.name:30s} {'CAUGHT' if caught[m.name] else 'MISSED'} by {len(caught[m.name])} test(s)",
                   flush=True)
-    rows = [(m, {t: r for t, r in f.result().items() if r is not None}) for f, m in futures.items()]
-    print_table(rows, sorted(baseline))
-    return 0 if all(caught for _, caught in rows) else 1
+    print_table([(m, caught[m.name]) for m in mutants], sorted(baseline))
+    return 0 if all(caught.values()) else 1
+
+
+def failures(results: dict) -> dict:
+    """The failed tests of a run_suite result, with the invariants they name."""
+    return {t: r for t, r in results.items() if r is not None}
 
 
 LABELS = {"pool_machine": "pool", "pool_machine_with_weak_hash": "pool-weak",
           "free_queue_compaction_over_long_runs": "compaction", "scheduler_machine": "sched",
-          "scheduler_machine_with_weak_hash": "sched-weak",
+          "scheduler_machine_with_weak_hash": "sched-weak", "pipeline_machine": "pipe",
           "equal_prefixes_iff_equal_chain_hashes": "hash", "chain_hash_stable_across_processes": "hash-proc",
           "generated_traces_replay_exactly": "replay", "tampered_step_is_reported_at_that_step": "tamper",
           "prefix_hit_kv_equals_recomputed_kv": "model-I9",

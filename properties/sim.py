@@ -1,21 +1,25 @@
 """Test doubles for the pure core: a simulated KV pool and a simulated model, so the core
 properties can check what attention would read (I9) and what a request would generate (I10)
-without torch; plus the checks core/invariants.py does not make (I6, I11, I12).
+without torch; plus the plan checks core/invariants.py does not make (I6 budget, I11).
 
 The simulated KV slot of position p holds what real K/V at p depends on: the tokens 0..p
-(position and context included, as RoPE and the layers below make it). A step writes its
-scheduled tokens' slots, then each sampling row "attends" by reading the slots of positions
-0..end-1 through its block table: a stale, overwritten, misplaced or missing slot shows up
-as a prefix that differs from the sequence's own, which a real model would turn into wrong
-logits.
+(position and context included, as RoPE and the layers below make it). A step computes its
+scheduled tokens' slots in order, each from its input id and the slot of the position before
+(read through the block table, as attention reads it); then each sampling row "attends" by
+reading the slots of positions 0..end-1 and samples from the last. A stale, overwritten,
+misplaced or missing slot shows up as a prefix that differs from the sequence's own, which
+a real model would turn into wrong logits; so does a wrong input id.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import xxhash
 from hypothesis import strategies as st
 
 from functional_llm.core.blocks import blocks_for
+from functional_llm.core.commit import PENDING
 from functional_llm.core.records import Plan, Request, SamplingParams, SchedConfig, SchedState, Seq
 
 VOCAB = 6            # simulated vocabulary: small, so EOS (0) comes often
@@ -62,13 +66,28 @@ class FakeKV:
         return int(seq.block_table[j]), p % self.S
 
     def write(self, seq: Seq, start: int, count: int) -> None:
+        """Store the KV of positions start..start+count-1 of the sequence's known tokens."""
         for p in range(start, start + count):
             b, r = self._slot(seq, p)
             self.slots[b][r] = tuple(seq.tokens[:p + 1])
 
-    def check(self, seq: Seq, end: int) -> None:
-        """I9 (simulated): the KV of positions 0..end-1 is exactly this sequence's tokens."""
-        want = tuple(seq.tokens[:end])
+    def read(self, seq: Seq, p: int):
+        b, r = self._slot(seq, p)
+        return self.slots[b][r]
+
+    def forward(self, seq: Seq, start: int, ids) -> None:
+        """One row of a simulated forward: position start+i gets the slot of the position
+        before it (read through the table) extended by the input id ids[i]."""
+        for p, tok in enumerate(ids, start):
+            before = self.read(seq, p - 1) if p else ()
+            assert before is not EMPTY, f"I9: {seq.rid} position {p} attends to unwritten KV"
+            b, r = self._slot(seq, p)
+            self.slots[b][r] = before + (tok,)
+
+    def check(self, seq: Seq, end: int, tokens=None) -> None:
+        """I9 (simulated): the KV of positions 0..end-1 is exactly this sequence's tokens (or
+        `tokens`: the known ones with the fed ids in place of pending ones)."""
+        want = tuple(seq.tokens[:end] if tokens is None else tokens[:end])
         for p in range(end):
             b, r = self._slot(seq, p)
             assert self.slots[b][r] == want[:p + 1], (
@@ -76,18 +95,29 @@ class FakeKV:
                 f"expected that of {want[:p + 1]}")
 
 
-def device_step(kv: FakeKV, state: SchedState, plan: Plan) -> list:
-    """The simulated device step for a scheduled (state, plan): writes every row's KV first
-    (as the real step does before attention), then samples each sampling row."""
-    rows = [(state.seqs[rid], start, count, smp)
-            for rid, start, count, smp in zip(plan.rids, plan.starts, plan.counts, plan.sample)]
-    for seq, start, count, _ in rows:
-        kv.write(seq, start, count)
+def device_step(kv: FakeKV, state: SchedState, plan: Plan, fed=None) -> list:
+    """The simulated device step for a scheduled (state, plan): computes every row's KV first
+    (as the real step does before attention), then samples each sampling row from the KV of
+    its last position. fed (the pipelined engine): rid -> the token the previous step sampled
+    for it, which the device puts where the host's input ids still say PENDING. A PENDING
+    reaching the model is an I16 failure."""
+    rows = []
+    for rid, start, count, smp in zip(plan.rids, plan.starts, plan.counts, plan.sample):
+        seq = state.seqs[rid]
+        ids = list(seq.tokens[start:start + count])
+        if fed is not None and ids[-1] == PENDING and rid in fed:
+            ids[-1] = fed[rid]
+        assert PENDING not in ids, f"I16: {rid} feeds a pending token to the model ({start}:{start + count})"
+        assert PENDING not in seq.tokens[:start], f"I16: {rid} has computed a pending token"
+        rows.append((seq, start, ids, smp))
+    for seq, start, ids, _ in rows:
+        kv.forward(seq, start, ids)
     tokens = []
-    for seq, start, count, smp in rows:
+    for seq, start, ids, smp in rows:
         if smp:
-            kv.check(seq, start + count)
-            tokens.append(fake_next(seq.req.seed, list(seq.tokens[:start + count])))
+            end = start + len(ids)
+            kv.check(seq, end, list(seq.tokens[:start]) + ids)
+            tokens.append(fake_next(seq.req.seed, kv.read(seq, end - 1)))
     return tokens
 
 
@@ -111,12 +141,15 @@ def check_plan(before: SchedState, after: SchedState, plan: Plan, cfg: SchedConf
     assert set(before.seqs) == set(after.seqs), "I7: schedule added or dropped a request"
 
 
-def check_waiting(state: SchedState) -> None:
-    """I12: a waiting sequence holds no KV (never admitted, or preempted and reset)."""
-    for rid in state.waiting:
-        seq = state.seqs[rid]
-        assert seq.num_computed == 0 and len(seq.block_table) == 0 and not seq.block_hashes, \
-            f"I12: waiting {rid} holds KV ({seq.num_computed} tokens, {len(seq.block_table)} blocks)"
+def guarded(method):
+    """For state machines: marks the machine broken while a rule runs, so teardown does not
+    drain after a failure."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        self.broken = True
+        method(self, *args, **kwargs)
+        self.broken = False
+    return run
 
 
 # Deliberately weak chain hashes (SchedConfig.hash_fn): unrelated blocks collide all the time,

@@ -1,13 +1,11 @@
 """A Hypothesis state machine over admit / schedule / commit / finish with the simulated model
 of properties/sim.py: random arrivals with shared prefixes, random prompt and output lengths,
 tiny pools (preemption storms), tiny token budgets (chunking), aborts and stop-string
-finishes. After every rule: I1-I8 (core/invariants.py), I11, I12, and I9 through the
+finishes. After every rule: I1-I8 and I12 (core/invariants.py), I11, and I9 through the
 simulated KV. At the end it drains the engine: every request must finish (liveness, I7) with
 exactly the tokens it generates alone (I10, simulated).
 """
 from __future__ import annotations
-
-import functools
 
 import attrs
 from hypothesis import event, settings
@@ -18,21 +16,12 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 from functional_llm.core import commit as C
 from functional_llm.core import scheduler as S
 from functional_llm.core.blocks import blocks_for, chain_hash
-from functional_llm.core.invariants import check_pool, check_state
+from functional_llm.core.invariants import check_state
 from functional_llm.core.records import Request, new_state
 from functional_llm.errors import InvalidPrompt, RequestTooLarge
 from properties import sim
 from properties.profiles import budget
-
-
-def guarded(method):
-    """Marks the machine broken while a rule runs, so teardown does not drain after a failure."""
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        self.broken = True
-        method(self, *args, **kwargs)
-        self.broken = False
-    return run
+from properties.sim import guarded
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -91,8 +80,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         before = self.state
         state, plan = S.schedule(before, self.cfg)
         sim.check_plan(before, state, plan, self.cfg)              # I5 (in-step), I6, I11
-        sim.check_waiting(state)                                   # I12
-        check_pool(state.pool, self.hash)                          # I1, I4
+        check_state(state, self.cfg, self.hash, plan)              # I1-I5, I7, I12 mid-step
         tokens = sim.device_step(self.kv, state, plan)             # I9 on every read
         self.state, deltas = C.commit(state, self.cfg, plan, tokens)
         for name, n in attrs.asdict(self.state.counters).items():   # what the run exercised
@@ -116,8 +104,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def invariants_hold(self):
         if not hasattr(self, "state") or self.broken:
             return
-        check_state(self.state, self.cfg, self.hash)                # I1-I5, I6 seats, I7, I8
-        sim.check_waiting(self.state)                                # I12
+        check_state(self.state, self.cfg, self.hash)                # I1-I5, I6 seats, I7, I8, I12
         for rid in self.state.running:                               # I9 (simulated)
             seq = self.state.seqs[rid]
             self.kv.check(seq, seq.num_computed)

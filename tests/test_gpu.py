@@ -136,7 +136,8 @@ two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device
 
 
 @two_gpus
-def test_tp2_equals_tp1_on_two_gpus(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tp2_equals_tp1_on_two_gpus(tmp_path, dtype):
     """Random-weight Qwen3-0.6B split over two GPUs (NCCL, CUDA graphs capturing the
     all-reduces, pipelined engine): fp32 greedy tokens equal one GPU's for 48 tokens; in bf16
     the first tokens agree (later ones may legitimately part after near-ties) and the
@@ -145,19 +146,19 @@ def test_tp2_equals_tp1_on_two_gpus(tmp_path):
     sys.path.insert(0, "benchmarks")
     from throughput import random_model
     folder = random_model(str(tmp_path))
-    ps = prompts(6, lo=20, hi=200, seed=9)
+    ps = prompts(6, seed=9)
     sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    for dtype in ("float32", "bfloat16"):
-        runs = {}
-        for tp in (1, 2):
-            with LLM(folder, dtype=dtype, tensor_parallel_size=tp, attention_backend="triton",
-                     max_model_len=1024, num_kv_blocks=512) as llm:
-                runs[tp] = [list(o.token_ids) for o in llm.generate(ps, sp, use_tqdm=False)]
-                if tp == 2:
-                    assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs
-        if dtype == "float32":
-            assert runs[1] == runs[2]
-        else:
-            assert [r[:4] for r in runs[1]] == [r[:4] for r in runs[2]]
-            same = sum(a == b for x, y in zip(runs[1], runs[2]) for a, b in zip(x, y))
-            print(f"bf16 TP=2 vs TP=1: {same}/{sum(map(len, runs[1]))} tokens equal")
+    runs = {}
+    for tp in (1, 2):
+        with LLM(folder, dtype=dtype, tensor_parallel_size=tp, attention_backend="triton",
+                 max_model_len=1024, num_kv_blocks=512, max_num_seqs=8) as llm:
+            runs[tp] = [list(o.token_ids) for o in llm.generate(ps, sp, use_tqdm=False)]
+            if tp == 2:
+                assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs
+            print(f"{dtype} TP={tp} done", flush=True)
+    if dtype == "float32":
+        assert runs[1] == runs[2]
+    else:
+        assert [r[:4] for r in runs[1]] == [r[:4] for r in runs[2]]
+        same = sum(a == b for x, y in zip(runs[1], runs[2]) for a, b in zip(x, y))
+        print(f"bf16 TP=2 vs TP=1: {same}/{sum(map(len, runs[1]))} tokens equal")

@@ -262,6 +262,11 @@ class _Workers:
                 dist.broadcast(torch.from_numpy(header), 0, group=self.groups.control)
             except Exception:
                 pass
+            else:
+                # the workers release their groups on "stop": release ours at the same time
+                # (an NCCL group destroyed after its peers have exited was seen to hang)
+                self.groups.destroy()
+                self.groups = None
         deadline = time.monotonic() + (JOIN_TIMEOUT_S if graceful else 0.5)
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
