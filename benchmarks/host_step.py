@@ -4,7 +4,6 @@ inputs (no model). Target (ARCHITECTURE.md): <= 2 ms on the 2-core development m
     python benchmarks/host_step.py [--seqs 256] [--steps 200]
 """
 import argparse
-import gc
 import random
 import time
 
@@ -12,6 +11,7 @@ import time
 from functional_llm.core import commit as C
 from functional_llm.core import scheduler as S
 from functional_llm.core.records import Request, SamplingParams, SchedConfig, new_state
+from functional_llm.llm import quiet_collector
 from functional_llm.runtime.staging import stage_host
 
 
@@ -20,6 +20,7 @@ def main():
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--default-gc", action="store_true", help="keep the collector as Python sets it")
     args = ap.parse_args()
     rng = random.Random(0)
     cfg = SchedConfig(block_size=args.block_size, num_blocks=40000, max_num_seqs=args.seqs,
@@ -31,8 +32,8 @@ def main():
         st = S.admit(st, cfg, Request(f"r{i}", prompt, params, i, i))
     st, plan = S.schedule(st, cfg)                      # the prefill step
     st, _ = C.commit(st, cfg, plan, [1] * len(plan.rids))
-    gc.collect()
-    gc.freeze()   # as LLM does after start-up
+    if not args.default_gc:
+        quiet_collector()    # as LLM does after start-up
     times = {"schedule": [], "stage": [], "commit": []}
     for _ in range(args.steps):
         t0 = time.perf_counter()
