@@ -18,12 +18,11 @@ from functional_llm.core.records import Request, SamplingParams, SchedConfig
 from functional_llm.errors import InvalidConfig, InvalidModel, InvalidPrompt, InvalidSamplingParams
 from functional_llm.kernels import default_backend, get_backend
 from functional_llm.model.config import load_config
-from functional_llm.model.llama import fuse_params
+from functional_llm.model.llama import compiled_ops, fuse_params
 from functional_llm.model.loader import load_params
 from functional_llm.model.sharding import cfg_for_rank, load_params_sharded
 from functional_llm.outputs import RequestOutput
 from functional_llm.runtime.engine import DeviceModel, Engine, Runner
-from functional_llm.model.llama import compiled_ops
 from functional_llm.runtime.sampling import gumbel_argmax
 
 DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste on CPU
@@ -115,7 +114,8 @@ class LLM:
     # -- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the tensor-parallel workers (tensor_parallel_size > 1); idempotent. Nothing to
-        do on one device. A closed tensor-parallel LLM raises WorkerError on its next step."""
+        do on one device. A closed tensor-parallel LLM raises WorkerError on its next step.
+        (Without close, the workers stop when the runner is collected or at exit.)"""
         close = getattr(getattr(getattr(self, "engine", None), "runner", None), "close", None)
         if close is not None:
             close()
@@ -125,12 +125,6 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- incremental API ----------------------------------------------------------------------
     def add_request(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,

@@ -54,25 +54,33 @@ def test_seeded_request_alone_equals_in_batch(qwen3, backend):
     assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
 
 
-def test_bf16_logits_close_to_fp32(qwen3):
+def prefill_logits(params, cfg, ids, dtype, ops=None):
+    """Logits of one prompt prefilled through the reference backend, on the GPU."""
     from functional_llm.kernels import get_backend
     from functional_llm.kernels.base import AttnBatch
-    from functional_llm.model import compute_logits, forward, fuse_params, load_config, load_params
+    from functional_llm.model import compute_logits, forward
+    from functional_llm.model.llama import EAGER
+    T, S = len(ids), 16
+    N = (T + S - 1) // S
+    kv = torch.zeros(cfg.num_layers, 2, N, S, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device="cuda")
+    i32 = dict(dtype=torch.int32, device="cuda")
+    batch = AttnBatch(slot_mapping=torch.arange(T, device="cuda"), cu_q=torch.tensor([0, T], **i32),
+                      seq_lens=torch.tensor([T], **i32), block_tables=torch.arange(N, **i32)[None],
+                      max_q=T, max_seq_len=T)
+    backend = get_backend("reference")
+    hidden = forward(params, cfg, ids, torch.arange(T, device="cuda"), backend.prepare(batch), kv,
+                     backend, ops=ops or EAGER)
+    return compute_logits(params, cfg, hidden)
+
+
+def test_bf16_logits_close_to_fp32(qwen3):
+    from functional_llm.model import fuse_params, load_config, load_params
     cfg = load_config(qwen3)
     ids = torch.tensor(prompts(1, seed=3)[0], device="cuda")
-    T = len(ids)
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
         params = fuse_params(load_params(qwen3, cfg, dtype, "cuda"), cfg)
-        S, N = 16, (T + 15) // 16
-        kv = torch.zeros(cfg.num_layers, 2, N, S, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device="cuda")
-        i32 = dict(dtype=torch.int32, device="cuda")
-        batch = AttnBatch(slot_mapping=torch.arange(T, device="cuda"), cu_q=torch.tensor([0, T], **i32),
-                          seq_lens=torch.tensor([T], **i32), block_tables=torch.arange(N, **i32)[None],
-                          max_q=T, max_seq_len=T)
-        backend = get_backend("reference")
-        hidden = forward(params, cfg, ids, torch.arange(T, device="cuda"), backend.prepare(batch), kv, backend)
-        logits[dtype] = compute_logits(params, cfg, hidden)
+        logits[dtype] = prefill_logits(params, cfg, ids, dtype)
     ref, got = logits[torch.float32], logits[torch.bfloat16]
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
 
@@ -98,35 +106,23 @@ def test_cuda_graph_decode_equals_eager_bf16(qwen3, backend):
         if piped:
             assert llm.engine.dropped_rows > 0    # rows of finished requests were in flight
     # graphs and pipelining change no bit; compiled elementwise ops may round differently
-    # from eager ones (test_compiled_ops_logits_close_bf16), so they are compared at equal ops
+    # from eager ones (test_compiled_ops_logits_close), so they are compared at equal ops
     assert runs[False, False, True] == runs[False, True, True] == runs[False, False, False]
 
 
 def test_compiled_ops_logits_close(qwen3):
     """The torch.compile'd elementwise pieces (model/llama.compiled_ops) against eager ones:
     fp32 logits within 1e-4 of the largest, bf16 within 2%."""
-    from functional_llm.kernels.base import AttnBatch
-    from functional_llm.model import compute_logits, forward, fuse_params, load_config, load_params
-    from functional_llm.kernels import get_backend
+    from functional_llm.model import fuse_params, load_config, load_params
     from functional_llm.model.llama import EAGER, compiled_ops
     cfg = load_config(qwen3)
     ids = torch.tensor(prompts(1, seed=5)[0], device="cuda")
-    T = len(ids)
     ops = compiled_ops()
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.02)):
         params = fuse_params(load_params(qwen3, cfg, dtype, "cuda"), cfg)
         out = {}
         for name, o in (("eager", EAGER), ("compiled", ops)):
-            S, N = 16, (T + 15) // 16
-            kv = torch.zeros(cfg.num_layers, 2, N, S, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device="cuda")
-            i32 = dict(dtype=torch.int32, device="cuda")
-            batch = AttnBatch(slot_mapping=torch.arange(T, device="cuda"), cu_q=torch.tensor([0, T], **i32),
-                              seq_lens=torch.tensor([T], **i32), block_tables=torch.arange(N, **i32)[None],
-                              max_q=T, max_seq_len=T)
-            backend = get_backend("reference")
-            hidden = forward(params, cfg, ids, torch.arange(T, device="cuda"), backend.prepare(batch), kv,
-                             backend, ops=o)
-            out[name] = compute_logits(params, cfg, hidden)
+            out[name] = prefill_logits(params, cfg, ids, dtype, o)
         ref = out["eager"]
         assert (out["compiled"] - ref).abs().max() <= tol * ref.abs().max(), dtype
 

@@ -216,6 +216,8 @@ class Plan:
     def without(self, gone) -> tuple["Plan", tuple]:
         """The plan with the rows of the rids in `gone` dropped, and for each sampling row of
         this plan whether it is kept (to filter its sampled tokens alike)."""
+        if not gone:   # the usual step: nothing ended while it was in flight
+            return self, (True,) * sum(self.sample)
         keep = [rid not in gone for rid in self.rids]
         rows = [r for r, k in zip(zip(self.rids, self.starts, self.counts, self.sample), keep) if k]
         cols = tuple(map(tuple, zip(*rows))) if rows else ((), (), (), ())

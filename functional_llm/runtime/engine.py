@@ -144,8 +144,6 @@ class Engine:
         req = Request(rid, tuple(prompt), params, seed, self._arrivals)
         self.state = S.admit(self.state, self.sched, req)  # raises before any change
         self._arrivals += 1
-        if self._flight is not None and rid in self._flight.plan.rids:
-            self._flight.gone.add(rid)   # the in-flight row is an earlier request's
         if self.trace is not None:
             self.trace.write(T.arrival_record(req, self.state.counters.steps))
 

@@ -37,11 +37,8 @@ def _layout(n: int, max_blocks: int) -> dict:
     return out, off
 
 
-def _views(buf, layout) -> dict:
-    """Typed views of a flat uint8 buffer (numpy array or torch tensor)."""
-    if isinstance(buf, np.ndarray):
-        return {k: buf[o:o + int(np.prod(s)) * np.dtype(d).itemsize].view(d).reshape(s)
-                for k, (d, s, o) in layout.items()}
+def _views(buf: torch.Tensor, layout) -> dict:
+    """Typed views of a flat uint8 buffer."""
     tt = {np.int64: torch.int64, np.int32: torch.int32, np.float32: torch.float32}
     return {k: buf[o:o + int(np.prod(s)) * np.dtype(d).itemsize].view(tt[d]).view(s)
             for k, (d, s, o) in layout.items()}
@@ -58,7 +55,7 @@ class DecodeGraphs:
         self.buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self.dev = _views(self.buf, self.layout)
         self.pinned = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        self.host = [_views(p.numpy(), self.layout) for p in self.pinned]
+        self.host = [{k: v.numpy() for k, v in _views(p, self.layout).items()} for p in self.pinned]
         for h in self.host:   # rows past a step's B are pad rows until overwritten
             self._pad(h, 0, max_seqs)
             h["feed_dst"][:] = 0
