@@ -183,3 +183,19 @@ def test_torchrun_launch(folders, tp1, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "out-0.json").read_text()) == tp1["llama"][0]
     assert not (tmp_path / "out-1.json").exists()
+
+
+def test_shutdown_frees_graphs_before_the_groups(monkeypatch):
+    """On GPUs the decode graphs captured NCCL all-reduces, and destroying a group while such
+    graphs live hangs: rank 0's close frees them first (the workers do so on "stop")."""
+    from types import SimpleNamespace
+    from functional_llm.runtime import tp
+    events = []
+    workers = tp._Workers([], None)
+    workers.groups = SimpleNamespace(control=None, destroy=lambda: events.append("groups"))
+    local = SimpleNamespace(release_graphs=lambda: events.append("graphs"))
+    monkeypatch.setattr(tp.dist, "broadcast", lambda *a, **k: events.append("stop"))
+    runner = tp.TPRunner(local, workers)
+    runner.close()
+    runner.close()                     # idempotent
+    assert events == ["graphs", "stop", "groups"]

@@ -59,7 +59,16 @@ _PREFERENCE = ("triton", "flash", "reference")
 
 
 def available_backends() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered backends usable here (their kernels import)."""
+    from functional_llm.errors import InvalidConfig
+    usable = []
+    for name in sorted(_REGISTRY):
+        try:
+            get_backend(name)
+        except InvalidConfig:
+            continue
+        usable.append(name)
+    return usable
 
 
 def get_backend(name: str) -> AttentionBackend:
@@ -68,7 +77,7 @@ def get_backend(name: str) -> AttentionBackend:
     from functional_llm.errors import InvalidConfig
 
     if name not in _REGISTRY:
-        raise InvalidConfig("attention_backend", name, f"known backends: {available_backends()}")
+        raise InvalidConfig("attention_backend", name, f"known backends: {sorted(_REGISTRY)}")
     module, cls = _REGISTRY[name].split(":")
     try:
         return getattr(importlib.import_module(module), cls)()

@@ -70,6 +70,13 @@ class Runner:
                                        -(-sched.max_model_len // sched.block_size), sched.num_blocks,
                                        sched.block_size, sched.max_model_len, device)
 
+    def release_graphs(self) -> None:
+        """Free the decode graphs (later steps run eagerly): before a process group whose
+        collectives they captured is destroyed."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def _graph_step(self, inputs: StepInputs) -> torch.Tensor:
         with torch.inference_mode():
             return device_step(self.model, self.kv, inputs)

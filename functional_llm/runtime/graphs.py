@@ -67,6 +67,13 @@ class DecodeGraphs:
         self.graphs: dict = {}
         self.mempool = None
 
+    def release(self) -> None:
+        """Free every captured graph. A graph that captured NCCL collectives must be freed before
+        its process group is destroyed (destroying the group first hangs)."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs = {}
+
     def fits(self, h: HostInputs) -> bool:
         return h.is_decode and len(h.seq_lens) <= self.buckets[-1]
 

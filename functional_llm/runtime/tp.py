@@ -24,7 +24,9 @@ Failures: rank 0 checks that its spawned workers are alive and have reported no 
 each step; a worker that raises sends its traceback over a queue and exits, which closes its
 sockets, so a collective rank 0 is waiting in fails at once. Either way the caller gets a
 WorkerError naming the rank, and the remaining workers are stopped. Spawned workers exit when
-rank 0's process ends (they watch it), and gloo groups have finite timeouts.
+rank 0's process ends (they watch it), and gloo groups have finite timeouts. Shutdown frees
+each rank's CUDA graphs before its groups: destroying an NCCL group that live graphs captured
+collectives of hangs.
 """
 from __future__ import annotations
 
@@ -191,6 +193,8 @@ class _Workers:
         self.procs, self.errors = procs, errors
         self.groups: Groups | None = None
         self.failure: str | None = None
+        self.release_graphs = lambda: None   # rank 0's graphs captured collectives: freed
+                                             # before the groups are destroyed (else it hangs)
 
     def check(self) -> None:
         """Raise WorkerError if a worker reported an error or is no longer running."""
@@ -255,6 +259,7 @@ class _Workers:
         JOIN_TIMEOUT_S) and release the groups. Idempotent."""
         if self.failure is None:
             self.failure = "the tensor-parallel workers were shut down (LLM.close())"
+        self.release_graphs()
         if graceful and self.groups is not None:
             try:
                 header = np.zeros(_HEADER_LEN, dtype=np.int64)
@@ -294,6 +299,7 @@ class TPRunner:
 
     def __init__(self, local, workers: _Workers):
         self.local, self._workers = local, workers
+        workers.release_graphs = local.release_graphs
         self._close = weakref.finalize(self, workers.shutdown)
 
     model = property(lambda self: self.local.model)
@@ -403,6 +409,7 @@ def serve(build, spec, groups: Groups, device) -> None:
         dist.broadcast(header, 0, group=groups.control)
         h = header.numpy().copy()
         if h[0] == _STOP:
+            runner.release_graphs()     # before the caller destroys the groups
             return
         payload = torch.empty(int(h[1]), dtype=torch.uint8)
         if len(payload):
