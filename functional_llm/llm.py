@@ -4,7 +4,6 @@ the engine state changes."""
 from __future__ import annotations
 
 import gc
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -14,20 +13,15 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from functional_llm.core.records import Request, SamplingParams, SchedConfig
+from functional_llm.core.records import Request, SamplingParams
 from functional_llm.errors import InvalidConfig, InvalidModel, InvalidPrompt, InvalidSamplingParams
 from functional_llm.kernels import default_backend, get_backend
 from functional_llm.model.config import load_config
-from functional_llm.model.llama import compiled_ops, fuse_params
-from functional_llm.model.loader import load_params
-from functional_llm.model.sharding import cfg_for_rank, load_params_sharded
 from functional_llm.outputs import RequestOutput
-from functional_llm.runtime.engine import DeviceModel, Engine, Runner
-from functional_llm.runtime.sampling import gumbel_argmax
+from functional_llm.runtime.build import DeviceSpec, build_runner, check_split, resolve_dtype
+from functional_llm.runtime.engine import Engine
 
 DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste on CPU
-CPU_KV_BYTES = 2 << 30           # default KV pool budget on CPU
-GPU_KV_FRACTION = 0.85           # of the memory free after loading weights
 
 Prompt = Union[str, Sequence[int]]
 
@@ -69,14 +63,14 @@ class LLM:
         path = Path(model)
         cfg = load_config(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device)
         backend = (get_backend(attention_backend) if attention_backend
                    else default_backend(device.type, dtype))
         if backend.name == "flash" and dtype == torch.float32:
             raise InvalidConfig("attention_backend", "flash", "flash-attn needs dtype bfloat16 or float16")
         world = tensor_parallel_size
         if world > 1:
-            _check_split(cfg, world, device)   # before any process starts
+            check_split(cfg, world, device)   # before any process starts
         # flash-attn 4's fast paged path reads whole 128-token pages; elsewhere 16 keeps prefix
         # reuse fine-grained and tail waste small
         block_size = block_size or (128 if backend.name == "flash" else DEFAULT_BLOCK_SIZE)
@@ -281,81 +275,6 @@ class LLM:
         return [done[rid] for rid in rids]
 
 
-@attrs.frozen(slots=True)
-class DeviceSpec:
-    """Everything the device half (weights, KV pool, Runner) is built from: plain values, the
-    same on every tensor-parallel rank (spawned workers receive it)."""
-
-    model: str                    # the HF folder
-    dtype: str                    # "float32", "bfloat16", "float16"
-    device: str                   # with world > 1 on GPUs, rank r uses cuda:<local rank r>
-    attention_backend: str
-    block_size: int
-    num_kv_blocks: Optional[int]  # None: as many as the memory budget holds (min over ranks)
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    enforce_eager: bool
-    world: int = 1                # tensor_parallel_size
-
-
-def _same(n: int) -> int:
-    return n
-
-
-def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
-    """One rank's device half: its weights (its shard when mesh.world > 1), a KV pool of its kv
-    heads, the Runner. agree(n) -> the block count every rank can hold (the minimum over the
-    ranks). Returns (runner, sched), sched with the scheduling limits the runner was built for
-    (the caller adds eos ids and prefix caching)."""
-    path, cfg = Path(spec.model), load_config(Path(spec.model))
-    device = torch.device(device if device is not None else spec.device)
-    dtype = _dtype(spec.dtype, device)
-    if mesh is not None and mesh.world > 1:
-        params = load_params_sharded(path, cfg, dtype, device, mesh.rank, mesh.world)
-        rank_cfg = cfg_for_rank(cfg, mesh.world)
-    else:
-        params, rank_cfg = load_params(path, cfg, dtype, device), cfg
-    params = fuse_params(params, cfg)
-    backend = get_backend(spec.attention_backend)
-    per_block = (rank_cfg.num_layers * 2 * spec.block_size * rank_cfg.num_kv_heads
-                 * rank_cfg.head_dim * dtype.itemsize)
-    num_blocks = spec.num_kv_blocks
-    if num_blocks is None:
-        if device.type == "cuda":
-            budget = torch.cuda.mem_get_info(device)[0] * GPU_KV_FRACTION
-        else:
-            budget = CPU_KV_BYTES
-        num_blocks = max(1, int(budget // per_block))
-    num_blocks = agree(num_blocks)
-    # CUDA graphs (decode) and a compiled sampler on GPUs, unless enforce_eager
-    graphs = device.type == "cuda" and not spec.enforce_eager and getattr(backend, "capturable", False)
-    kv = torch.zeros(rank_cfg.num_layers, 2, num_blocks + graphs, spec.block_size,
-                     rank_cfg.num_kv_heads, rank_cfg.head_dim, dtype=dtype,
-                     device=device)   # zeroed: see kernels/flash.py
-    sched = SchedConfig(block_size=spec.block_size, num_blocks=num_blocks,
-                        max_num_seqs=spec.max_num_seqs,
-                        max_num_batched_tokens=spec.max_num_batched_tokens,
-                        max_model_len=spec.max_model_len)
-    model_fns = DeviceModel(params, rank_cfg, backend, mesh=mesh)
-    if device.type == "cuda" and not spec.enforce_eager:
-        model_fns = attrs.evolve(model_fns, argmax_fn=torch.compile(gumbel_argmax, dynamic=True),
-                                 ops=compiled_ops())
-    return Runner(model_fns, kv, sched, device, cuda_graphs=graphs), sched
-
-
-def _check_split(cfg, world: int, device: torch.device) -> None:
-    """The InvalidConfig a tensor-parallel start would meet, raised before it starts anything."""
-    cfg_for_rank(cfg, world)      # names the tensor that cannot be split
-    if device.type == "cuda":
-        if device.index is not None:
-            raise InvalidConfig("device", str(device), "with tensor_parallel_size > 1 pass "
-                                "'cuda': rank r uses cuda:<local rank r>")
-        count = torch.cuda.device_count()
-        if world > count and "WORLD_SIZE" not in os.environ:
-            raise InvalidConfig("tensor_parallel_size", world, f"only {count} CUDA devices here")
-
-
 GC_FIRST_THRESHOLD = 50_000
 
 
@@ -393,18 +312,6 @@ def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed, worl
                                        "python": platform.python_version(), "xxhash": xxhash.VERSION},
             "determinism": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "batch_invariant": False}}
-
-
-def _dtype(name, device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if isinstance(name, torch.dtype) and name in table.values():
-        return name
-    if name not in table:
-        raise InvalidConfig("dtype", name, f"expected one of {sorted(table)}")
-    return table[name]
 
 
 def _tokenizer(path: Path):

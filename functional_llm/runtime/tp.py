@@ -7,10 +7,8 @@ rank 0 broadcasts each step's host inputs: every rank then runs the same Runner.
 same inputs, and since each rank computes the full logits and sampling is counter-based, every
 rank samples the same tokens (only rank 0's are read).
 
-Message: a fixed-length int64 header (kind, payload bytes, has-feed flag, then per field of
-HostInputs and the feed's dst/index arrays: dtype code, ndim, dims; an int field such as max_q
-is carried in the header itself), then one flat uint8 payload holding the arrays back to back,
-each padded to 8 bytes. Two broadcasts per step, no pickling. A pipelined step's feed reads the
+The message (runtime/message.py): an int64 header and one uint8 payload, two broadcasts per
+step, no pickling. A pipelined step's feed reads the
 previous step's tokens on the device: a worker uses the tokens its own Runner last returned.
 
 Start-up: spawned (rank 0 creates a TCP store on a free port and starts N-1 processes of the
@@ -46,6 +44,7 @@ import torch.multiprocessing as mp
 from functional_llm.errors import FunctionalLLMError, InvalidConfig
 from functional_llm.model.sharding import Mesh
 from functional_llm.runtime.engine import Feed
+from functional_llm.runtime.message import HEADER_LEN, STOP, decode, encode
 from functional_llm.runtime.staging import HostInputs
 
 STARTUP_TIMEOUT = timedelta(minutes=30)   # rank 0 waiting for workers to join and load weights
@@ -56,70 +55,8 @@ REPORT_WAIT_S = 5.0                       # after a failed collective: wait this
 FAULT_ENV = "FUNCTIONAL_LLM_TP_FAULT"     # tests: "spawn", "joined" or "step:N" fails workers
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-_STEP, _STOP = 1, 2
-_HOST_FIELDS = tuple(f.name for f in attrs.fields(HostInputs))
-_FIELDS = _HOST_FIELDS + ("feed_dst", "feed_index")
-_HEADER_LEN = 3 + 4 * len(_FIELDS)        # kind, payload bytes, has feed; per field 4 slots
-_DTYPES = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.float64))
-_CODE = {dt: i + 1 for i, dt in enumerate(_DTYPES)}   # 0: an int carried in the header
-_NO_FEED = np.zeros(0, dtype=np.int64)
-
-
 class WorkerError(RuntimeError):
     """A tensor-parallel rank failed (or the workers were shut down); the LLM cannot step."""
-
-
-# ---- the message ----------------------------------------------------------------------------
-
-def _pad8(n: int) -> int:
-    return -(-n // 8) * 8
-
-
-def encode(host: HostInputs, feed: Feed | None) -> tuple[np.ndarray, np.ndarray]:
-    """(header [_HEADER_LEN] int64, payload uint8) of one step."""
-    header = [_STEP, 0, int(feed is not None)]
-    values = [getattr(host, n) for n in _HOST_FIELDS]
-    values += [feed.dst, feed.index] if feed is not None else [_NO_FEED, _NO_FEED]
-    arrays, total = [], 0
-    for value in values:
-        if isinstance(value, (int, np.integer)):
-            header += (0, 0, int(value), 0)
-            continue
-        a = np.ascontiguousarray(value)
-        assert a.ndim <= 2, "the header holds two dimensions per array"
-        shape = a.shape + (0,) * (2 - a.ndim)
-        header += (_CODE[a.dtype], a.ndim, *shape)
-        arrays.append(a)
-        total += _pad8(a.nbytes)
-    header[1] = total
-    payload = np.empty(total, dtype=np.uint8)
-    off = 0
-    for a in arrays:
-        payload[off:off + a.nbytes] = a.reshape(-1).view(np.uint8)
-        off += _pad8(a.nbytes)
-    return np.array(header, dtype=np.int64), payload
-
-
-def decode(header: np.ndarray, payload: np.ndarray) -> tuple[HostInputs, np.ndarray | None,
-                                                              np.ndarray | None]:
-    """The inverse of encode: (host inputs, feed dst, feed index); the arrays are views of
-    payload, and dst/index are None when the step had no feed."""
-    h = header.tolist()
-    values, off = [], 0
-    for i in range(3, _HEADER_LEN, 4):
-        code, ndim, d0, d1 = h[i:i + 4]
-        if code == 0:
-            values.append(d0)
-            continue
-        dt = _DTYPES[code - 1]
-        shape = (d0, d1)[:ndim]
-        nbytes = d0 * (d1 if ndim == 2 else 1) * dt.itemsize
-        values.append(payload[off:off + nbytes].view(dt).reshape(shape))
-        off += _pad8(nbytes)
-    host = HostInputs(*values[:len(_HOST_FIELDS)])
-    if not h[2]:
-        return host, None, None
-    return host, values[-2], values[-1]
 
 
 # ---- groups -----------------------------------------------------------------------------------
@@ -262,8 +199,8 @@ class _Workers:
         self.release_graphs()
         if graceful and self.groups is not None:
             try:
-                header = np.zeros(_HEADER_LEN, dtype=np.int64)
-                header[0] = _STOP
+                header = np.zeros(HEADER_LEN, dtype=np.int64)
+                header[0] = STOP
                 dist.broadcast(torch.from_numpy(header), 0, group=self.groups.control)
             except Exception:
                 pass
@@ -403,12 +340,12 @@ def serve(build, spec, groups: Groups, device) -> None:
     "stop" message."""
     _fault("joined")
     runner, _ = build(spec, Mesh(groups.rank, groups.world, groups.data), device, groups.agree_min)
-    header = torch.empty(_HEADER_LEN, dtype=torch.int64)
+    header = torch.empty(HEADER_LEN, dtype=torch.int64)
     last, step = None, 0
     while True:
         dist.broadcast(header, 0, group=groups.control)
         h = header.numpy().copy()
-        if h[0] == _STOP:
+        if h[0] == STOP:
             runner.release_graphs()     # before the caller destroys the groups
             return
         payload = torch.empty(int(h[1]), dtype=torch.uint8)

@@ -1,0 +1,71 @@
+"""The tensor-parallel step message: what rank 0 broadcasts to the workers each step, without
+pickling. A fixed-length int64 header (kind, payload bytes, has-feed flag, then per field of
+HostInputs and the feed's dst/index arrays: dtype code, ndim, dims; an int field such as max_q
+is carried in the header itself), then one flat uint8 payload holding the arrays back to back,
+each padded to 8 bytes."""
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from functional_llm.runtime.engine import Feed
+from functional_llm.runtime.staging import HostInputs
+
+STEP, STOP = 1, 2
+_HOST_FIELDS = tuple(f.name for f in attrs.fields(HostInputs))
+_FIELDS = _HOST_FIELDS + ("feed_dst", "feed_index")
+HEADER_LEN = 3 + 4 * len(_FIELDS)        # kind, payload bytes, has feed; per field 4 slots
+_DTYPES = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.float64))
+_CODE = {dt: i + 1 for i, dt in enumerate(_DTYPES)}   # 0: an int carried in the header
+_NO_FEED = np.zeros(0, dtype=np.int64)
+
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def encode(host: HostInputs, feed: Feed | None) -> tuple[np.ndarray, np.ndarray]:
+    """(header [HEADER_LEN] int64, payload uint8) of one step."""
+    header = [STEP, 0, int(feed is not None)]
+    values = [getattr(host, n) for n in _HOST_FIELDS]
+    values += [feed.dst, feed.index] if feed is not None else [_NO_FEED, _NO_FEED]
+    arrays, total = [], 0
+    for value in values:
+        if isinstance(value, (int, np.integer)):
+            header += (0, 0, int(value), 0)
+            continue
+        a = np.ascontiguousarray(value)
+        assert a.ndim <= 2, "the header holds two dimensions per array"
+        shape = a.shape + (0,) * (2 - a.ndim)
+        header += (_CODE[a.dtype], a.ndim, *shape)
+        arrays.append(a)
+        total += _pad8(a.nbytes)
+    header[1] = total
+    payload = np.empty(total, dtype=np.uint8)
+    off = 0
+    for a in arrays:
+        payload[off:off + a.nbytes] = a.reshape(-1).view(np.uint8)
+        off += _pad8(a.nbytes)
+    return np.array(header, dtype=np.int64), payload
+
+
+def decode(header: np.ndarray, payload: np.ndarray) -> tuple[HostInputs, np.ndarray | None,
+                                                              np.ndarray | None]:
+    """The inverse of encode: (host inputs, feed dst, feed index); the arrays are views of
+    payload, and dst/index are None when the step had no feed."""
+    h = header.tolist()
+    values, off = [], 0
+    for i in range(3, HEADER_LEN, 4):
+        code, ndim, d0, d1 = h[i:i + 4]
+        if code == 0:
+            values.append(d0)
+            continue
+        dt = _DTYPES[code - 1]
+        shape = (d0, d1)[:ndim]
+        nbytes = d0 * (d1 if ndim == 2 else 1) * dt.itemsize
+        values.append(payload[off:off + nbytes].view(dt).reshape(shape))
+        off += _pad8(nbytes)
+    host = HostInputs(*values[:len(_HOST_FIELDS)])
+    if not h[2]:
+        return host, None, None
+    return host, values[-2], values[-1]
