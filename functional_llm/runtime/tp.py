@@ -1,15 +1,9 @@
 """Tensor parallelism across processes: rank 0 drives the engine, ranks 1..N-1 are workers that
-mirror every device step on their shard of the weights.
-
-Two process groups. The data plane is the default group (NCCL on GPUs, gloo on CPU), the Mesh
-the forward all-reduces and all-gathers over. The control plane is a CPU gloo group over which
-rank 0 broadcasts each step's host inputs: every rank then runs the same Runner.launch on the
-same inputs, and since each rank computes the full logits and sampling is counter-based, every
-rank samples the same tokens (only rank 0's are read).
-
-The message (runtime/message.py): an int64 header and one uint8 payload, two broadcasts per
-step, no pickling. A pipelined step's feed reads the
-previous step's tokens on the device: a worker uses the tokens its own Runner last returned.
+mirror every device step on their shard of the weights. Before each step rank 0 broadcasts its
+host inputs over the control group (runtime/groups.py; the message: runtime/message.py, no
+pickling); every rank runs the same Runner.launch on them, and since each rank computes the
+full logits and sampling is counter-based, all sample the same tokens (rank 0's are read). A
+pipelined step's feed reads the tokens the worker's own Runner last returned.
 
 Start-up: spawned (rank 0 creates a TCP store on a free port and starts N-1 processes of the
 torch.multiprocessing spawn context; each reports "ready" in the store, then all join the
@@ -33,9 +27,7 @@ import threading
 import time
 import traceback
 import weakref
-from datetime import timedelta
 
-import attrs
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -44,59 +36,18 @@ import torch.multiprocessing as mp
 from functional_llm.errors import FunctionalLLMError, InvalidConfig
 from functional_llm.model.sharding import Mesh
 from functional_llm.runtime.engine import Feed
+from functional_llm.runtime.groups import (STARTUP_TIMEOUT, Groups, join_groups, rank_device,
+                                           torchrun_rank)
 from functional_llm.runtime.message import HEADER_LEN, STOP, decode, encode
 from functional_llm.runtime.staging import HostInputs
 
-STARTUP_TIMEOUT = timedelta(minutes=30)   # rank 0 waiting for workers to join and load weights
-STEP_TIMEOUT = timedelta(minutes=10)      # one collective of the forward
-IDLE_TIMEOUT = timedelta(days=30)         # a worker waiting for the next step (the user may idle)
 JOIN_TIMEOUT_S = 10.0                     # a worker's exit after "stop", before it is terminated
 REPORT_WAIT_S = 5.0                       # after a failed collective: wait this long for a report
 FAULT_ENV = "FUNCTIONAL_LLM_TP_FAULT"     # tests: "spawn", "joined" or "step:N" fails workers
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 class WorkerError(RuntimeError):
     """A tensor-parallel rank failed (or the workers were shut down); the LLM cannot step."""
-
-
-# ---- groups -----------------------------------------------------------------------------------
-
-@attrs.frozen(slots=True)
-class Groups:
-    """One rank's process groups: data (the model's collectives) and control (step messages)."""
-
-    rank: int
-    world: int
-    data: object = attrs.field(eq=False)
-    control: object = attrs.field(eq=False)
-    owns_default: bool = True     # the default group was created here (destroyed on shutdown)
-
-    def agree_min(self, n: int) -> int:
-        """The minimum of n over the ranks (the KV pool size every rank can hold)."""
-        t = torch.tensor([n], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
-        return int(t.item())
-
-    def destroy(self) -> None:
-        for group, mine in ((self.control, True), (None, self.owns_default)):
-            if mine and dist.is_initialized():
-                try:
-                    dist.destroy_process_group(group)
-                except Exception:   # already gone (a failed rank): nothing left to release
-                    pass
-
-
-def _join_groups(backend: str, rank: int, world: int, store=None) -> Groups:
-    """Join (or reuse, under torchrun) the default group, then create the control group."""
-    owns = not dist.is_initialized()
-    if owns:
-        where = {"store": store} if store is not None else {"init_method": "env://"}
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=STEP_TIMEOUT, **where)
-    elif dist.get_world_size() != world:
-        raise InvalidConfig("tensor_parallel_size", world, "the torch.distributed default group "
-                            f"of this process has {dist.get_world_size()} ranks")
-    control = dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT if rank == 0 else IDLE_TIMEOUT)
-    return Groups(rank, world, dist.group.WORLD, control, owns)
 
 
 def _fault(where: str) -> None:
@@ -104,27 +55,12 @@ def _fault(where: str) -> None:
         raise RuntimeError(f"injected fault at {where!r} ({FAULT_ENV})")
 
 
-def torchrun_rank() -> tuple[int, int, int] | None:
-    """(rank, world, local rank) when launched by torchrun (or with its variables set)."""
-    if not all(k in os.environ for k in _TORCHRUN_ENV):
-        return None
-    rank = int(os.environ["RANK"])
-    return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
-
-
-def _rank_device(spec, local_rank: int) -> torch.device:
-    device = torch.device(spec.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
 # ---- rank 0 -----------------------------------------------------------------------------------
 
 class _Workers:
     """Rank 0's handle on the other ranks: spawned processes (none under torchrun), their error
-    queue, the groups. Holds no reference to the runner, so it can be a finalizer."""
+    queue, the groups, and a way to free rank 0's graphs. Holds no reference to the TPRunner,
+    so its shutdown can be the TPRunner's finalizer."""
 
     def __init__(self, procs, errors):
         self.procs, self.errors = procs, errors
@@ -275,8 +211,8 @@ def start(spec, build):
         if world != spec.world:
             raise InvalidConfig("tensor_parallel_size", spec.world,
                                 f"must equal WORLD_SIZE={world} when launched by torchrun")
-        device = _rank_device(spec, local_rank)
-        groups = _join_groups(_backend(device), rank, world)
+        device = rank_device(spec, local_rank)
+        groups = join_groups(device, rank, world)
         if rank > 0:
             try:
                 serve(build, spec, groups, device)
@@ -290,7 +226,7 @@ def start(spec, build):
                             "torch.distributed default group (another LLM with "
                             "tensor_parallel_size > 1 still open?): close it first, or launch "
                             "every rank with torchrun")
-    device = _rank_device(spec, 0)
+    device = rank_device(spec, 0)
     ctx = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=STARTUP_TIMEOUT,
                           wait_for_workers=False)     # port 0: the OS picks a free one
@@ -305,7 +241,7 @@ def start(spec, build):
             proc.start()
             workers.procs.append(proc)    # only started processes are joined at shutdown
         workers.await_ready(store, time.monotonic() + STARTUP_TIMEOUT.total_seconds())
-        return _join_groups(_backend(device), 0, spec.world, store)
+        return join_groups(device, 0, spec.world, store)
 
     return _start_rank0(spec, build, workers, join, device)
 
@@ -327,10 +263,6 @@ def _start_rank0(spec, build, workers: _Workers, join, device):
             raise WorkerError(report) from e
         raise
     return TPRunner(local, workers), sched
-
-
-def _backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
 
 
 # ---- workers ----------------------------------------------------------------------------------
@@ -366,10 +298,10 @@ def _spawned_worker(build, spec, rank: int, port: int, errors) -> None:
         _fault("spawn")
         if torch.device(spec.device).type == "cpu":   # share the cores with the other ranks
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
-        device = _rank_device(spec, rank)
+        device = rank_device(spec, rank)
         store = dist.TCPStore("127.0.0.1", port, None, False, timeout=STARTUP_TIMEOUT)
         store.set(f"ready/{rank}", "1")
-        groups = _join_groups(_backend(device), rank, spec.world, store)
+        groups = join_groups(device, rank, spec.world, store)
         serve(build, spec, groups, device)
         groups.destroy()
     except BaseException:
