@@ -5,11 +5,13 @@
     print(llm.generate("The capital of France is")[0].text)
 """
 from functional_llm.core.records import SamplingParams
-from functional_llm.errors import (FunctionalLLMError, InvalidConfig, InvalidModel, InvalidPrompt,
-                                   InvalidSamplingParams, RequestTooLarge, UnknownRequest)
+from functional_llm.errors import (EngineDead, FunctionalLLMError, InvalidConfig, InvalidModel,
+                                   InvalidPrompt, InvalidSamplingParams, QueueFull, RequestTooLarge,
+                                   UnknownRequest)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "FunctionalLLMError", "InvalidConfig",
-           "InvalidModel", "InvalidPrompt", "InvalidSamplingParams", "RequestTooLarge", "UnknownRequest"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "FunctionalLLMError", "InvalidConfig",
+           "InvalidModel", "InvalidPrompt", "InvalidSamplingParams", "RequestTooLarge", "UnknownRequest",
+           "QueueFull", "EngineDead"]
 
 
 def __getattr__(name):
@@ -17,6 +19,9 @@ def __getattr__(name):
     if name == "LLM":
         from functional_llm.llm import LLM
         return LLM
+    if name == "AsyncLLM":
+        from functional_llm.async_llm import AsyncLLM
+        return AsyncLLM
     if name == "RequestOutput":
         from functional_llm.outputs import RequestOutput
         return RequestOutput

@@ -36,3 +36,13 @@ class InvalidConfig(FunctionalLLMError):
 
 class UnknownRequest(FunctionalLLMError):
     """abort() or finish() of a request id the engine does not know."""
+
+
+class QueueFull(FunctionalLLMError):
+    """AsyncLLM: a request arrived while `max_waiting` requests were waiting to start."""
+
+
+class EngineDead(RuntimeError):
+    """AsyncLLM: the engine loop has stopped (a step failed, its cause chained, or shutdown()
+    was called); every waiting caller and every later call gets one. Not a ValueError: nothing
+    the caller passed was wrong."""
