@@ -88,6 +88,7 @@ class AsyncLLM:
         self._rid_of: dict[_Stream, str] = {}
         self._waiting: set[str] = set()
         self._batch: collections.deque = collections.deque()   # commands being applied
+        self._answers: list = []   # aborts done, answered once the counters show them
         self._thread = threading.Thread(target=self._loop, name="functional-llm-engine", daemon=True)
         self._thread.start()
 
@@ -175,6 +176,7 @@ class AsyncLLM:
                     self._apply(command)
                 if applied:
                     self._counters = llm.counters
+                self._answer()
                 if llm.has_unfinished_requests():
                     outputs = llm.step()
                     self._counters = llm.counters   # before the outputs: a caller seeing its
@@ -190,12 +192,9 @@ class AsyncLLM:
             if rid is not None:
                 self._end(rid)
         elif isinstance(command, _Abort):
-            answer = command.done.set_running_or_notify_cancel()   # False: its awaiter gave up
             if command.request_id in self._streams:
                 self._end(command.request_id).put(_END)
-                self._counters = self._llm.counters   # the awaiter may read them at once
-            if answer:
-                command.done.set_result(None)
+            self._answers.append(command.done)
 
     def _add(self, command: _Add) -> None:
         try:
@@ -248,13 +247,20 @@ class AsyncLLM:
         for command in leftover:
             if isinstance(command, _Add):
                 command.stream.put(self._error())
-            elif isinstance(command, _Abort) and command.done.set_running_or_notify_cancel():
-                command.done.set_result(None)
+            elif isinstance(command, _Abort):
+                self._answers.append(command.done)
         try:
             self._counters = self._llm.counters
             self._llm.close()
         except Exception:
             pass
+        self._answer()
+
+    def _answer(self) -> None:
+        for done in self._answers:
+            if done.set_running_or_notify_cancel():   # False: its awaiter was cancelled
+                done.set_result(None)
+        self._answers.clear()
 
 
 def _drain(commands: queue.SimpleQueue) -> list:
