@@ -46,3 +46,9 @@ class EngineDead(RuntimeError):
     """AsyncLLM: the engine loop has stopped (a step failed, its cause chained, or shutdown()
     was called); every waiting caller and every later call gets one. Not a ValueError: nothing
     the caller passed was wrong."""
+
+
+class EngineStalled(FunctionalLLMError):
+    """A step that can schedule nothing while requests wait and none runs: the engine would
+    repeat it forever. `value` holds the stuck request ids; the state is unchanged (abort
+    them to go on)."""

@@ -3,6 +3,7 @@ the Engine. Everything a user can get wrong is checked here or in core.check_req
 the engine state changes."""
 from __future__ import annotations
 
+import atexit
 import gc
 import time
 from pathlib import Path
@@ -31,6 +32,24 @@ def _positive(name, value):
         raise InvalidConfig(name, value, "must be a positive int")
 
 
+def _device(name) -> torch.device:
+    """The device to run on; InvalidConfig for one this build cannot use (checked before the
+    model loads, so a typo costs nothing)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidConfig("device", name, "expected 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfig("device", name, f"CUDA is not available here (torch {torch.__version__})")
+    if device.index is not None and device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise InvalidConfig("device", name, f"only {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
 class LLM:
     def __init__(self, model: Optional[str] = None, max_model_len: Optional[int] = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: Optional[int] = None,
@@ -44,8 +63,8 @@ class LLM:
         written there as JSON lines (`functional-llm replay PATH` checks it).
         async_scheduling: schedule step k+1 while step k runs on the device (the pipelined
         engine, runtime/engine.py); default on for GPUs, off on CPU (where the forward runs in
-        the caller's thread, nothing overlaps) and with a trace (traces record the synchronous
-        loop). Outputs are the same either way.
+        the caller's thread, nothing overlaps). Outputs are the same either way; a trace
+        records whichever loop runs.
         tensor_parallel_size: split the model over this many ranks (runtime/tp.py): this
         process is rank 0 and spawns the others (on GPUs rank r uses cuda:r), or, launched by
         torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), every rank constructs the
@@ -55,14 +74,15 @@ class LLM:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "num_kv_blocks", "tensor_parallel_size"):
             _positive(name, locals()[name])
-        if async_scheduling and trace is not None:
-            raise InvalidConfig("async_scheduling", True, "traces record the synchronous loop: pass False")
+        device = _device(device)
         if model is None:
             from functional_llm.model.gguf import ensure_default_model
             model = ensure_default_model()
         path = Path(model)
         cfg = load_config(path)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+            raise InvalidConfig("max_model_len", max_model_len, "above the model's own limit "
+                                f"(max_position_embeddings={cfg.max_position_embeddings})")
         dtype = resolve_dtype(dtype, device)
         backend = (get_backend(attention_backend) if attention_backend
                    else default_backend(device.type, dtype))
@@ -89,13 +109,13 @@ class LLM:
             self.tokenizer = _tokenizer(path)
             self.model_config, self.seed = cfg, seed
             if async_scheduling is None:
-                async_scheduling = device.type == "cuda" and trace is None
+                async_scheduling = device.type == "cuda"
             writer = None
             if trace is not None:
                 from functional_llm.core.trace import TraceWriter, header_record
                 writer = TraceWriter(trace, header_record(sched, _trace_shell(
                     path, dtype, device, backend.name, enforce_eager, runner.graphs is not None,
-                    seed, world)))
+                    seed, world), pipeline=async_scheduling))
             self.engine = Engine(runner, sched, pipeline=async_scheduling, trace=writer)
         except BaseException:
             if world > 1:
@@ -287,6 +307,11 @@ def quiet_collector() -> None:
     Process-wide, like gc.freeze itself."""
     gc.collect()
     gc.freeze()
+    # ...and return to it at exit: frozen objects are never finalized, and extension types
+    # that count their live instances (triton's nanobind ones, imported by torch._dynamo)
+    # then print "leaked" lines at interpreter exit
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
     first, *rest = gc.get_threshold()
     gc.set_threshold(max(first, GC_FIRST_THRESHOLD), *rest)
 

@@ -65,3 +65,25 @@ def make_tiny_model(arch: str, folder, seed: int = 0, init_std: float = 0.25) ->
     model.save_pretrained(str(folder))
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID).save_pretrained(str(folder))
     return folder
+
+
+def add_char_tokenizer(folder) -> pathlib.Path:
+    """Give a tiny model folder a character-level tokenizer with a chat template, so text
+    prompts, stop strings and chat work on it: id i is the character chr(i) where that is
+    printable (ASCII prompts encode as themselves), else chr(256 + i); 0, 1 and EOS_ID are
+    <unk>, <s> and </s>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {0: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
+    vocab = {special.get(i) or (chr(i) if chr(i).isprintable() or i == 10 else chr(256 + i)): i
+             for i in range(TINY_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    fast.save_pretrained(str(folder))
+    return pathlib.Path(folder)

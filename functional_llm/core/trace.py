@@ -6,6 +6,10 @@ the finishes and a digest), in the order they happened. Core transitions are det
 functions of those lines, so replaying them through admit / finish / schedule / commit must
 reproduce every Plan and digest, with no model (docs/transitions.md, I14).
 
+A pipelined engine's trace (header "pipeline": true) records its loop instead: step k's line
+holds step k's Plan, the samples of step k-1 (resolved in step k) and the rows each half
+dropped; replay runs schedule k, resolve k-1, advance k in that order (pipelined_step_record).
+
 Every line is a JSON object with a "kind" ("header", "arrive", "finish", "step"); "step"
 on input lines is the index of the step they precede. Never pickle: a trace is data.
 Pure except TraceWriter (appends lines to a file) and read_trace (reads them).
@@ -25,7 +29,8 @@ from functional_llm.core.records import (Deltas, Plan, Request, SamplingParams, 
                                          SchedState, new_state)
 from functional_llm.errors import FunctionalLLMError
 
-FORMAT = 1
+FORMAT = 2          # 2: the header says which loop was recorded ("pipeline"); 1 is synchronous
+READABLE = (1, 2)
 _PLAN_FIELDS = ("rids", "starts", "counts", "sample", "preempted")
 
 
@@ -102,9 +107,10 @@ def config_from_json(d: dict, hash_fn: Optional[Callable] = None) -> SchedConfig
     return SchedConfig(**{**fields, "eos_token_ids": tuple(fields["eos_token_ids"])}, hash_fn=hash_fn)
 
 
-def header_record(cfg: SchedConfig, shell: Optional[dict] = None) -> dict:
-    """shell: what core cannot know (model, dtype, device, versions, determinism flags)."""
-    return {"kind": "header", "format": FORMAT, "config": config_to_json(cfg),
+def header_record(cfg: SchedConfig, shell: Optional[dict] = None, pipeline: bool = False) -> dict:
+    """shell: what core cannot know (model, dtype, device, versions, determinism flags).
+    pipeline: the steps are the pipelined loop's (pipelined_step_record)."""
+    return {"kind": "header", "format": FORMAT, "pipeline": pipeline, "config": config_to_json(cfg),
             "digest": "xxh3_128", "shell": shell or {}}
 
 
@@ -135,6 +141,21 @@ def step_record(step: int, plan: Plan, tokens, state: SchedState, deltas: Deltas
     """state: the state after the step's commit; deltas: what the commit returned."""
     return {"kind": "step", "step": step, "plan": plan_to_json(plan), "tokens": list(tokens),
             "finished": dict(deltas.finished), "digest": state_digest(state, deltas)}
+
+
+def pipelined_step_record(step: int, plan: Plan, advance_dropped, prev_plan: Optional[Plan],
+                          resolve_dropped, tokens, state: SchedState, deltas: Deltas) -> dict:
+    """Step k of the pipelined loop (schedule k, launch k, resolve k-1, advance k). plan: step
+    k as scheduled; advance_dropped: its rids whose rows advance k skipped; prev_plan: step
+    k-1 as scheduled (None: nothing was in flight), resolve_dropped: its rids whose rows
+    resolve k-1 skipped; tokens: every sample of step k-1, dropped rows' included (what the
+    device returned); state: after advance k; deltas: what resolve k-1 returned."""
+    return {"kind": "step", "step": step, "plan": plan_to_json(plan),
+            "advance_dropped": [r for r in plan.rids if r in advance_dropped],
+            "resolves": None if prev_plan is None else step - 1,
+            "resolve_dropped": [] if prev_plan is None else [r for r in prev_plan.rids if r in resolve_dropped],
+            "tokens": list(tokens), "finished": dict(deltas.finished),
+            "digest": state_digest(state, deltas)}
 
 
 def encode(record: dict) -> str:
@@ -174,8 +195,8 @@ def read_trace(path) -> list[dict]:
             records = [decode(line, f"{path}:{i + 1}") for i, line in enumerate(f) if line.strip()]
     except OSError as e:
         raise TraceError("trace", str(path), str(e)) from None
-    if not records or records[0]["kind"] != "header" or records[0].get("format") != FORMAT:
-        raise TraceError("trace", str(path), f"first line must be a format-{FORMAT} header")
+    if not records or records[0]["kind"] != "header" or records[0].get("format") not in READABLE:
+        raise TraceError("trace", str(path), f"first line must be a header of format {READABLE}")
     return records
 
 
@@ -209,10 +230,11 @@ def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
     unknown kind); every disagreement is a Divergence, not an exception."""
     it = iter(records)
     header = next(it, None)
-    if header is None or header.get("kind") != "header" or header.get("format") != FORMAT:
-        raise TraceError("trace", "<header>", f"first record must be a format-{FORMAT} header")
+    if header is None or header.get("kind") != "header" or header.get("format") not in READABLE:
+        raise TraceError("trace", "<header>", f"first record must be a header of format {READABLE}")
     cfg = config_from_json(header["config"], hash_fn)
     state, steps = new_state(cfg), 0
+    pipelined, flight = bool(header.get("pipeline")), None   # flight: the launched step (pipelined)
 
     def stop(step, what, expected, actual):
         return ReplayReport(steps, Divergence(step, what, expected, actual), state)
@@ -230,20 +252,18 @@ def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
             if r.get("rid") not in state.seqs:
                 return stop(step, "input", f"live request {r.get('rid')!r}", sorted(state.seqs))
             state = C.finish(state, r["rid"])
+            if flight is not None:     # as Engine.finish: its row in flight will be dropped
+                flight = attrs.evolve(flight, gone=flight.gone | {r["rid"]})
         elif kind == "step":
             state, plan = S.schedule(state, cfg)
             if plan_to_json(plan) != r.get("plan"):
                 return stop(step, "plan", r.get("plan"), plan_to_json(plan))
-            tokens = r.get("tokens")
-            if not isinstance(tokens, list) or len(tokens) != sum(plan.sample):
-                return stop(step, "tokens", f"{sum(plan.sample)} sampled tokens", tokens)
-            if step_tokens is not None and plan.rids:
-                produced = list(step_tokens(state, plan))
-                if produced != tokens:
-                    return stop(step, "tokens", tokens, produced)
-            deltas = Deltas()
-            if plan.rids:  # the engine skips commit (and the device) for an empty plan
-                state, deltas = C.commit(state, cfg, plan, tokens)
+            if pipelined:
+                state, deltas, flight, bad = _pipelined_step(state, cfg, plan, r, flight, step_tokens)
+            else:
+                state, deltas, bad = _sync_step(state, cfg, plan, r, step_tokens)
+            if bad is not None:
+                return stop(step, *bad)
             if dict(deltas.finished) != r.get("finished"):
                 return stop(step, "finished", r.get("finished"), dict(deltas.finished))
             digest = state_digest(state, deltas)
@@ -255,3 +275,64 @@ def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
         else:
             raise TraceError("trace", kind, "unknown record kind")
     return ReplayReport(steps, None, state)
+
+
+def _sync_step(state, cfg, plan, r, step_tokens):
+    """The rest of a synchronous step after schedule: the device, then commit. Returns (state,
+    deltas, None) or (..., (what, expected, actual)) at the first mismatch."""
+    tokens = r.get("tokens")
+    if not isinstance(tokens, list) or len(tokens) != sum(plan.sample):
+        return state, None, ("tokens", f"{sum(plan.sample)} sampled tokens", tokens)
+    if step_tokens is not None and plan.rids:
+        produced = list(step_tokens(state, plan))
+        if produced != tokens:
+            return state, None, ("tokens", tokens, produced)
+    if not plan.rids:  # the engine skips commit (and the device) for an empty plan
+        return state, Deltas(), None
+    state, deltas = C.commit(state, cfg, plan, tokens)
+    return state, deltas, None
+
+
+@attrs.frozen(slots=True)
+class _Flight:
+    """The pipelined loop's launched, unresolved step, as runtime/engine.py's _InFlight: its
+    plan as scheduled, the rids whose rows are dropped (ended while it was in flight), and
+    the tokens the model gave at launch (model replay only)."""
+
+    plan: Plan
+    gone: frozenset = frozenset()
+    produced: Optional[list] = None
+
+
+def _pipelined_step(state, cfg, plan, r, flight, step_tokens):
+    """The rest of pipelined step k after schedule k, in the engine's order: launch k,
+    resolve k-1 (its plan without the rows of sequences that ended in flight), advance k
+    (without the rows of those that resolve k-1 finished). The record carries step k-1's
+    tokens. Returns (state, deltas, flight, None or (what, expected, actual))."""
+    tokens, deltas, launched = r.get("tokens"), Deltas(), None
+    want = 0 if flight is None else sum(flight.plan.sample)
+    if not isinstance(tokens, list) or len(tokens) != want:
+        return state, None, flight, ("tokens", f"{want} sampled tokens of the step in flight", tokens)
+    if flight is not None and flight.produced is not None and flight.produced != tokens:
+        return state, None, flight, ("tokens", tokens, flight.produced)
+    if plan.rids:                                                   # launch k
+        produced = None
+        if step_tokens is not None:   # decode rows read step k-1's samples, as on the device
+            fed = None if flight is None else dict(zip(
+                (rid for rid, s in zip(flight.plan.rids, flight.plan.sample) if s), tokens))
+            produced = list(step_tokens(state, plan, fed))
+        launched = _Flight(plan, frozenset(), produced)
+    if flight is not None:                                          # resolve k-1
+        dropped = [rid for rid in flight.plan.rids if rid in flight.gone]
+        if dropped != r.get("resolve_dropped"):
+            return state, None, flight, ("dropped", r.get("resolve_dropped"), dropped)
+        kept, keep = flight.plan.without(flight.gone)
+        state, deltas = C.resolve(state, cfg, kept, [t for t, k in zip(tokens, keep) if k])
+        if launched is not None:
+            launched = attrs.evolve(launched, gone=frozenset(deltas.finished))
+    if launched is not None:                                        # advance k
+        dropped = [rid for rid in plan.rids if rid in launched.gone]
+        if dropped != r.get("advance_dropped"):
+            return state, None, launched, ("dropped", r.get("advance_dropped"), dropped)
+        state = C.advance(state, cfg, plan.without(launched.gone)[0])
+    return state, deltas, launched, None

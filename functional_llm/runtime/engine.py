@@ -14,6 +14,7 @@ from functional_llm.core import commit as C
 from functional_llm.core import scheduler as S
 from functional_llm.core import trace as T
 from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, new_state
+from functional_llm.errors import EngineStalled
 from functional_llm.runtime.graphs import DecodeGraphs
 from functional_llm.runtime.sampling import gumbel_argmax, sample
 from functional_llm.runtime.staging import HostInputs, StepInputs, stage_host, to_device
@@ -132,9 +133,9 @@ class Engine:
 
     def __init__(self, runner: Runner, sched: SchedConfig, pipeline: bool = False,
                  trace: T.TraceWriter | None = None):
-        """trace: records every input, Plan, token and state digest (core/trace.py); it needs
-        the synchronous loop (a replay re-runs schedule then commit)."""
-        assert not (pipeline and trace is not None), "traces record the synchronous loop"
+        """trace: records every input, Plan, token and state digest (core/trace.py); with
+        pipeline, the pipelined loop's order too (its header must say pipeline=True), so a
+        replay re-runs the same transitions in the same order."""
         self.runner, self.sched, self.pipeline = runner, sched, pipeline
         self.trace = trace
         self.state = new_state(sched)
@@ -175,9 +176,12 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> Deltas:
+        """One step; returns the deltas of the step resolved now (the pipelined loop: of the
+        step before). Raises EngineStalled, state unchanged, when nothing can ever run."""
         if self.pipeline:
             return self._pipelined_step()
         state, plan = S.schedule(self.state, self.sched)
+        self._check_stall(plan)
         if not plan.rids:
             self.state, tokens, deltas = state, [], Deltas()
         else:
@@ -187,9 +191,22 @@ class Engine:
             self.trace.write(T.step_record(state.counters.steps - 1, plan, tokens, self.state, deltas))
         return deltas
 
+    def _check_stall(self, plan) -> None:
+        """Nothing scheduled, nothing running or in flight, yet requests wait: the next step
+        would see the same state (schedule changed only the step count), so the caller would
+        loop forever. Raised before self.state changes."""
+        if not plan.rids and self.state.waiting and not self.state.running and self._flight is None:
+            cfg = self.sched
+            raise EngineStalled("request_id", self.state.waiting, (
+                f"cannot be scheduled with nothing running (max_num_seqs={cfg.max_num_seqs}, "
+                f"max_num_batched_tokens={cfg.max_num_batched_tokens}, num_kv_blocks="
+                f"{cfg.num_blocks} of {cfg.block_size} tokens, "
+                f"{self.state.pool.num_free} free); abort them"))
+
     def _pipelined_step(self) -> Deltas:
-        self.state, plan = S.schedule(self.state, self.sched)
-        prev, launched = self._flight, None
+        state, plan = S.schedule(self.state, self.sched)
+        self._check_stall(plan)
+        self.state, prev, launched = state, self._flight, None
         if plan.rids:
             host = stage_host(self.state, plan, self.sched.block_size)
             feed = None
@@ -199,22 +216,35 @@ class Engine:
                             np.fromiter((prev.row_of[plan.rids[r]] for r in host.row_of_token(dst)),
                                         np.int64, len(dst)))
             launched = _InFlight(plan, self.runner.launch(host, feed))
+        scheduled, tokens = plan, []    # what the trace records: plan k, step k-1's samples
         deltas = Deltas()
         if prev is not None:
             prev_plan, keep = prev.plan.without(prev.gone)
             self.dropped_rows += len(prev.plan.rids) - len(prev_plan.rids)
-            tokens = [t for t, k in zip(prev.tokens(), keep) if k]
-            self.state, deltas = C.resolve(self.state, self.sched, prev_plan, tokens)
+            tokens = prev.tokens()
+            self.state, deltas = C.resolve(self.state, self.sched, prev_plan,
+                                           [t for t, k in zip(tokens, keep) if k])
             if launched is not None:
                 launched.gone.update(deltas.finished)
         if launched is not None:
             plan, _ = plan.without(launched.gone)
             self.state = C.advance(self.state, self.sched, plan)
         self._flight = launched
+        if self.trace is not None:
+            self.trace.write(T.pipelined_step_record(
+                self.state.counters.steps - 1, scheduled, launched.gone if launched else (),
+                prev and prev.plan, prev.gone if prev else (), tokens, self.state, deltas))
         return deltas
 
-    def device_tokens(self, state, plan) -> list:
+    def device_tokens(self, state, plan, fed: dict | None = None) -> list:
         """Run the device step for a scheduled (state, plan): writes the KV, returns the sampled
-        tokens. Also what `functional-llm replay --model` calls for each recorded step."""
+        tokens. Also what `functional-llm replay --model` calls for each recorded step.
+        fed: rid -> the token to read where the host says PENDING (a pipelined trace's step
+        k-1 samples, which the engine fed on the device)."""
         host = stage_host(state, plan, self.sched.block_size)
+        if fed:
+            ids = host.ids.copy()
+            dst = np.flatnonzero(ids == C.PENDING)
+            ids[dst] = [fed[plan.rids[r]] for r in host.row_of_token(dst)]
+            host = attrs.evolve(host, ids=ids)
         return self.runner.launch(host).tolist()
