@@ -148,12 +148,24 @@ def test_invalid_requests_raise_before_admission():
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5),
-    ("max_tokens", 0), ("stop", [""]), ("seed", -1)])
+    ("max_tokens", 0), ("stop", [""]), ("seed", -1),
+    # wrong types: the typed error, never a TypeError from a comparison; bools are not ints
+    ("temperature", "hot"), ("temperature", None), ("top_p", "1"), ("min_p", [0.1]),
+    ("top_k", 2.0), ("top_k", True), ("max_tokens", "16"), ("max_tokens", 16.0),
+    ("max_tokens", True), ("min_tokens", 1.5), ("seed", 1.0), ("seed", False), ("stop", 3.5),
+    ("stop", [1]), ("stop_token_ids", ["2"]), ("stop_token_ids", [True]),
+    ("stop_token_ids", 2.5), ("ignore_eos", "yes"), ("ignore_eos", 1)])
 def test_sampling_params_validation(field, value):
     from functional_llm.errors import InvalidSamplingParams
     with pytest.raises(InvalidSamplingParams) as e:
         SamplingParams(**{field: value})
     assert e.value.parameter == field
+
+
+def test_sampling_params_accept_ints_and_floats_for_numbers():
+    p = SamplingParams(temperature=1, top_p=1, min_p=0, stop="x", stop_token_ids=3)
+    assert (p.temperature, p.stop, p.stop_token_ids) == (1, ("x",), (3,))
+    assert SamplingParams(temperature=0.5, top_p=0.9, min_p=0.1).top_p == 0.9
 
 
 def test_min_tokens_above_max_tokens_is_rejected():

@@ -24,7 +24,18 @@ def _to_tuple(value):
         return ()
     if isinstance(value, (str, int)):
         return (value,)
-    return tuple(value)
+    try:
+        return tuple(value)
+    except TypeError:   # not iterable: kept as one item, for validation to name
+        return (value,)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)   # True is an int to Python
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @attrs.frozen(slots=True)
@@ -46,24 +57,33 @@ class SamplingParams:
         def bad(name, why):
             raise InvalidSamplingParams(name, getattr(self, name), why)
 
+        # every type first, so a wrong one is this error, never a TypeError from a comparison
+        for name in ("temperature", "top_p", "min_p"):
+            if not _is_number(getattr(self, name)):
+                bad(name, "must be a number (int or float)")
+        for name in ("top_k", "max_tokens", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                bad(name, "must be an int")
         if not self.temperature >= 0:  # also rejects NaN
             bad("temperature", "must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be an int >= 0 (0 = off)")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0 (0 = off)")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1]")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", "must be an int >= 1")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
-            bad("min_tokens", f"must be an int in [0, max_tokens={self.max_tokens}]")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+        if self.max_tokens < 1:
+            bad("max_tokens", "must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}]")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             bad("seed", "must be None or an int in [0, 2**63)")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             bad("stop", "stop strings must be non-empty str")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative ints")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "must be a bool")
 
 
 @attrs.frozen(slots=True)
