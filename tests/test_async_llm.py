@@ -137,7 +137,7 @@ def test_bad_request_fails_only_its_caller(qwen3, reference):
     assert after[-1].token_ids == want[0].token_ids and counters["blocks_in_use"] == 0
 
 
-@pytest.mark.parametrize("how", ["cancel", "aclose", "abort"])
+@pytest.mark.parametrize("how", ["cancel", "aclose", "break", "abort"])
 def test_cancel_frees_blocks_within_one_step(qwen3, how):
     async def main():
         async with AsyncLLM(qwen3, **SMALL) as engine:
@@ -148,11 +148,17 @@ def test_cancel_frees_blocks_within_one_step(qwen3, how):
             async def consume():
                 async for out in stream:
                     seen.append(out)
+                    if how == "break" and len(seen) == 3:
+                        break   # the generator is closed when collected, at once here
+
             task = asyncio.create_task(consume())
             await wait_until(lambda: len(seen) >= 3)
             assert engine.counters["blocks_in_use"] > 0
             steps = engine.counters["steps"]
-            if how == "cancel":
+            if how == "break":
+                await task
+                del stream
+            elif how == "cancel":
                 task.cancel()
             elif how == "aclose":
                 task.cancel()   # stop the consumer first: aclose of a running generator raises
