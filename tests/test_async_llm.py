@@ -11,7 +11,7 @@ import pytest
 
 from functional_llm import LLM, AsyncLLM, SamplingParams
 from functional_llm.errors import EngineDead, InvalidPrompt, InvalidSamplingParams, QueueFull
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import add_char_tokenizer, make_tiny_model
 
 TIMEOUT_S = 30
 SMALL = dict(block_size=4, num_kv_blocks=1024)   # the default CPU pool (2 GiB) takes seconds to build
@@ -19,7 +19,8 @@ SMALL = dict(block_size=4, num_kv_blocks=1024)   # the default CPU pool (2 GiB) 
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    return str(make_tiny_model("qwen3", tmp_path_factory.mktemp("q3"), seed=1))
+    folder = make_tiny_model("qwen3", tmp_path_factory.mktemp("q3"), seed=1)
+    return str(add_char_tokenizer(folder))   # text, so streamed text and stop strings are checked
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +51,18 @@ async def wait_until(predicate, timeout=5.0):
 
 def assert_in_order(outs):
     """Each output adds one token (a step samples one per request) to the cumulative token_ids,
-    its delta is exactly what is new, and only the last is finished."""
-    seen = ()
+    its deltas are exactly what is new (joined, the text so far), only the last is finished."""
+    seen, text = (), ""
     for out in outs:
         assert out.token_ids[:len(seen)] == seen
         assert len(out.token_ids) == len(seen) + 1 or (out.finished and out.token_ids == seen)
         if hasattr(out, "delta_token_ids"):
             assert tuple(out.delta_token_ids) == out.token_ids[len(seen):]
+            text += out.delta_text
         seen = out.token_ids
     assert not any(out.finished for out in outs[:-1])
+    if outs and outs[-1].finished and hasattr(outs[-1], "delta_text"):
+        assert text == outs[-1].text
 
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
@@ -67,10 +71,13 @@ LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 def test_64_concurrent_callers_with_cancellations_match_generate(qwen3, reference):
     rng = random.Random(0)
     prompts = [[rng.randrange(2, 250) for _ in range(rng.randint(3, 12))] for _ in range(64)]
-    params = [SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=rng.randint(6, 20),
-                             ignore_eos=i % 3 == 0) for i in range(64)]
-    want = reference.generate(prompts, params, use_tqdm=False)
     modes = [rng.choice(["full", "full", "break", "cancel"]) for _ in range(64)]
+    params = [SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=rng.randint(6, 20),
+                             ignore_eos=i % 3 == 0,
+                             stop=list("aeiou") if i % 4 == 0 and modes[i] == "full" else None)
+              for i in range(64)]
+    want = reference.generate(prompts, params, use_tqdm=False)
+    assert any(w.finish_reason == "stop" and params[i].stop for i, w in enumerate(want))
     # streams stopped early ask for many tokens, so only their abort can free their blocks; a
     # request's tokens depend on (prompt, seed, position), not on max_tokens
     asked = [p if m == "full" else attrs.evolve(p, max_tokens=400, ignore_eos=True)
@@ -103,6 +110,7 @@ def test_64_concurrent_callers_with_cancellations_match_generate(qwen3, referenc
         if outs and outs[-1].finished:
             complete += 1
             assert outs[-1].token_ids == w.token_ids and outs[-1].finish_reason == w.finish_reason
+            assert outs[-1].text == w.text
         else:
             assert mode != "full"
             tokens = outs[-1].token_ids if outs else ()
