@@ -1,28 +1,73 @@
-"""functional-llm command line: `functional-llm generate "PROMPT" [--model PATH]` and
-`functional-llm replay TRACE [--model PATH]`."""
+"""functional-llm command line: `functional-llm generate "PROMPT" [--model PATH]`,
+`functional-llm chat [--model PATH]` and `functional-llm replay TRACE [--model PATH]`.
+
+Arguments are checked by argparse (usage message, exit code 2) before any model loads."""
 from __future__ import annotations
 
 import argparse
+import pathlib
+import re
 import sys
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def _checked(convert, ok, why):
+    """An argparse type: convert, then check; a failure is a usage error naming the value."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+        return value
+    return parse
+
+
+def _model_folder(text: str) -> str:
+    path = pathlib.Path(text)
+    if path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file: pass the model folder "
+                                         "(config.json + *.safetensors)")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such folder")
+    return text
+
+
+def _model_options() -> argparse.ArgumentParser:
+    """What generate and chat share: the model and how to sample."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", type=_model_folder, default=None,
+                        help="HF-format folder (default: embedded SmolLM2-135M-Instruct)")
+    common.add_argument("--max-tokens", type=_checked(int, lambda n: n >= 1, "must be an int >= 1"))
+    common.add_argument("--temperature", default=0.0,
+                        type=_checked(float, lambda t: t >= 0, "must be a number >= 0 (0 = greedy)"))
+    common.add_argument("--top-p", default=1.0,
+                        type=_checked(float, lambda p: 0 < p <= 1, "must be in (0, 1]"))
+    common.add_argument("--seed", type=_checked(int, lambda n: 0 <= n < 2**63, "must be an int >= 0"))
+    common.add_argument("--device", type=_checked(str, lambda d: re.fullmatch(r"cpu|cuda(:\d+)?", d),
+                                                  "expected cpu, cuda or cuda:N"))
+    common.add_argument("--dtype", choices=DTYPES)
+    return common
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="functional-llm")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a completion for one or more prompts")
+    common = _model_options()
+    gen = sub.add_parser("generate", parents=[common], help="generate a completion for one or more prompts")
     gen.add_argument("prompts", nargs="+")
-    gen.add_argument("--model", default=None, help="HF-format folder (default: embedded SmolLM2-135M-Instruct)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    gen.add_argument("--device", default=None)
-    gen.add_argument("--dtype", default=None)
+    gen.set_defaults(max_tokens=64)
+    chat = sub.add_parser("chat", parents=[common], help="chat in the terminal: one line per turn; "
+                                                         "/exit, Ctrl-D or Ctrl-C leaves")
+    chat.add_argument("--system", default=None, help="a system message opening the conversation")
+    chat.set_defaults(max_tokens=256)
     rep = sub.add_parser("replay", help="replay a trace (LLM(trace=PATH)) and report the first "
                                         "step that does not reproduce; exit code 1 if one")
     rep.add_argument("path")
-    rep.add_argument("--model", default=None,
+    rep.add_argument("--model", type=_model_folder, default=None,
                      help="also re-run this model folder and check the recorded tokens")
     rep.add_argument("--device", default=None, help="default: the recorded device")
     trace = sub.add_parser("trace", help="work with traces").add_subparsers(dest="action", required=True)
@@ -30,11 +75,16 @@ def main(argv=None) -> int:
                                          "'functional_llm[plot]')")
     plot.add_argument("path")
     plot.add_argument("-o", "--output", default="trace.png")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:   # a usage error (2) or --help (0): an exit code, like every path
+        return e.code
     if args.command == "replay":
         return _replay(args)
     if args.command == "trace":
         return _plot(args)
+    if args.command == "chat":
+        return _chat(args)
 
     from functional_llm import LLM, SamplingParams
     from functional_llm.errors import FunctionalLLMError
@@ -56,6 +106,50 @@ def main(argv=None) -> int:
             print(f"### {prompt}")
         print(out.text.strip())
     return 0
+
+
+def _chat(args) -> int:
+    """The interactive loop around chat_session: every way out is clean (exit code 0)."""
+    from functional_llm import LLM, SamplingParams
+    from functional_llm.errors import FunctionalLLMError
+
+    try:
+        llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
+        if not getattr(llm.tokenizer, "chat_template", None):
+            print("error: this model has no chat template", file=sys.stderr)
+            return 2
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=args.seed)
+        ask = "> " if sys.stdin.isatty() else ""
+        chat_session(llm, params, lambda: input(ask), lambda text: print(text, end="", flush=True),
+                     args.system)
+    except FunctionalLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (EOFError, KeyboardInterrupt):
+        print()
+    return 0
+
+
+def chat_session(llm, params, read_line, write, system=None) -> list:
+    """Read a line, answer it streaming, until read_line raises EOFError or says /exit.
+    The conversation so far (system, user and assistant messages) is the prompt of each
+    answer, through the model's chat template. Returns the messages."""
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        line = read_line().strip()
+        if line in ("/exit", "/quit"):
+            return messages
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        text = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        answer = []
+        for out in llm.stream([llm.tokenizer.encode(text, add_special_tokens=False)], params):
+            write(out.delta_text)
+            answer.append(out.delta_text)
+        write("\n")
+        messages.append({"role": "assistant", "content": "".join(answer)})
 
 
 def _replay(args) -> int:

@@ -84,6 +84,9 @@ def load_config(path) -> ModelConfig:
     """Read a Hugging Face model folder's configuration. Raises InvalidModel when the folder,
     config.json or the *.safetensors weights are missing, or the architecture is unsupported."""
     folder = pathlib.Path(path)
+    if folder.is_file():
+        raise InvalidModel("model", str(path), "is a file; expected a Hugging Face model folder "
+                           "(config.json + *.safetensors)")
     if not folder.is_dir():
         raise InvalidModel("model", str(path), "folder does not exist")
     if not (folder / "config.json").is_file():
