@@ -4,12 +4,14 @@ the engine state changes."""
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import attrs
+import immutables
 import torch
 import xxhash
 from tqdm.auto import tqdm
@@ -18,7 +20,8 @@ from functional_llm.core.records import Request, SamplingParams
 from functional_llm.errors import InvalidConfig, InvalidModel, InvalidPrompt, InvalidSamplingParams
 from functional_llm.kernels import default_backend, get_backend
 from functional_llm.model.config import load_config
-from functional_llm.outputs import RequestOutput
+from functional_llm.outputs import Emitted, RequestOutput, apply
+from functional_llm.outputs import start as start_output
 from functional_llm.runtime.build import DeviceSpec, build_runner, check_split, resolve_dtype
 from functional_llm.runtime.engine import Engine
 
@@ -122,7 +125,10 @@ class LLM:
                 runner.close()    # stop the workers now, not at exit
             raise
         self._next_id = 0
-        self._live: dict[str, dict] = {}   # rid -> prompt, prompt ids, generated ids, text state
+        # rid -> OutputState of every live request (outputs.apply); replaced, never mutated
+        self._outputs = immutables.Map()
+        self._decode = (functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+                        if self.tokenizer is not None else _no_text)
         quiet_collector()
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -143,50 +149,53 @@ class LLM:
     # -- incremental API ----------------------------------------------------------------------
     def add_request(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:
-        """Validate and admit one request; returns its id. Raises before any state change."""
-        rid, req = self._make_request(prompt, sampling_params, request_id)
-        self._admit(rid, req, prompt)
-        return rid
+        """Validate and admit one request; returns its id. Raises before any state change.
+        step() reports it, with its delta, in every step that changes it."""
+        req = self._request(prompt, sampling_params, request_id)
+        self._add(req, prompt, stream=True)
+        return req.rid
 
     def abort(self, request_id: str) -> None:
+        """End a live request now (its blocks are freed); no output reports it any more.
+        Raises UnknownRequest for an id that is not live."""
         self.engine.finish(request_id)
-        self._live.pop(request_id, None)
+        self._outputs = self._outputs.delete(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.engine.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the outputs of every request that changed."""
-        changed = self._step()
-        return [self._output(rid, reason) for rid, reason in changed.items()]
+        """Run one engine step; returns the outputs of every request that changed, each with
+        delta_text / delta_token_ids (new since its previous output)."""
+        return list(self._step().outputs)
 
     @property
     def counters(self) -> dict:
         out = attrs.asdict(self.engine.counters)
-        out["blocks_in_use"] = self.engine.state.blocks_in_use
+        out["blocks_in_use"] = self.engine.blocks_in_use
         return out
 
     # -- batch API ------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        prompts = _as_prompt_list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise InvalidSamplingParams("sampling_params", f"<{len(params)} items>",
-                                            f"need one per prompt ({len(prompts)}) or a single one")
-        made = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]  # validate all first
-        rids = []
+        """Run the prompts to the end: one final RequestOutput per prompt, in order. Text is
+        decoded once per request at its end (per step only for requests with stop strings)."""
+        reqs = self._requests(prompts, sampling_params)
+        done, bar = {}, _Progress(reqs, self.engine.counters, use_tqdm)
         try:
-            for (rid, req), prompt in zip(made, prompts):
-                self._admit(rid, req, prompt)
-                rids.append(rid)
-            return self._run(rids, use_tqdm)
-        finally:  # an interrupted call leaves no request behind
-            for rid in rids:
-                if rid in self.engine.state.seqs:
-                    self.abort(rid)
+            for out in self._run(reqs, stream=False, on_step=bar.step):
+                done[out.request_id] = out
+                bar.finished(out)
+        finally:
+            bar.close()
+        return [done[req.rid] for req, _ in reqs]
+
+    def stream(self, prompt_or_prompts, sampling_params=None) -> Iterator[RequestOutput]:
+        """Outputs as they come: every step, one RequestOutput per request that changed, whose
+        delta_text / delta_token_ids are new since its previous one (text and token_ids stay
+        cumulative); joined, the deltas give the final text. Text that may begin a stop string
+        is held back until it is known not to. Arguments as generate's; they are checked here,
+        before anything runs. Closing the generator early aborts its unfinished requests."""
+        return self._run(self._requests(prompt_or_prompts, sampling_params), stream=True)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
@@ -202,28 +211,47 @@ class LLM:
         return [attrs.evolve(o, prompt=t) for o, t in zip(outs, texts)]
 
     # -- internals ----------------------------------------------------------------------------
-    def _make_request(self, prompt, params, request_id):
-        params = params or SamplingParams()
+    def _requests(self, prompts, sampling_params) -> list:
+        """[(Request, prompt)], every one built and validated before any is admitted."""
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise InvalidSamplingParams("sampling_params", f"<{len(params)} items>",
+                                            f"need one per prompt ({len(prompts)}) or a single one")
+        else:
+            _bad_params(sampling_params)
+        return [(self._request(p, sp, None), p) for p, sp in zip(prompts, params)]
+
+    def _request(self, prompt, params, request_id) -> Request:
+        """The one construction of a request: built and validated here, admitted as is."""
+        params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
-            raise InvalidSamplingParams("sampling_params", params, "must be a SamplingParams")
+            _bad_params(params)
         ids = self._encode(prompt)
-        rid = str(request_id) if request_id is not None else f"req-{self._next_id}"
-        if request_id is None:
-            self._next_id += 1
         if params.stop and self.tokenizer is None:
             raise InvalidSamplingParams("stop", params.stop, "stop strings need a tokenizer")
+        if request_id is None:   # auto ids skip ids in use, so they never collide with a user's
+            while f"req-{self._next_id}" in self._outputs:
+                self._next_id += 1
+            rid = f"req-{self._next_id}"
+            self._next_id += 1
+        else:
+            rid = str(request_id)
+            if rid in self._outputs:
+                raise InvalidPrompt("request_id", rid, "is already in use by a live request")
         seed = params.seed if params.seed is not None else (
             xxhash.xxh64_intdigest(f"{self.seed}:{rid}".encode()) & (2**63 - 1))
-        req = Request(rid, tuple(ids), params, seed, 0)
+        req = Request(rid=rid, prompt=tuple(ids), params=params, seed=seed)
         self.engine.check(req)
-        if rid in self._live:
-            raise InvalidPrompt("request_id", rid, "is already in use by a live request")
-        return rid, req
+        return req
 
-    def _admit(self, rid, req, prompt):
-        self.engine.add(rid, req.prompt, req.params, req.seed)
-        self._live[rid] = {"prompt": prompt if isinstance(prompt, str) else None,
-                           "ids": req.prompt, "out": [], "params": req.params, "text": None, "cached": 0}
+    def _add(self, req: Request, prompt, stream: bool) -> None:
+        self.engine.add(req)
+        self._outputs = self._outputs.set(
+            req.rid, start_output(req, prompt if isinstance(prompt, str) else None, stream))
 
     def _encode(self, prompt) -> list:
         if isinstance(prompt, str):
@@ -242,57 +270,68 @@ class LLM:
             raise InvalidPrompt("prompt", bad[:5], f"token ids must be in [0, {vocab})")
         return ids
 
-    def _step(self) -> dict:
-        """One engine step, then stop strings; returns {rid: finish reason or None} changed."""
+    def _step(self, on_step=None) -> Emitted:
+        """One engine step folded into the outputs; requests that reached a stop string end."""
         deltas = self.engine.step()
-        changed = {}
-        for rid, tok in zip(deltas.rids, deltas.tokens):
-            live = self._live[rid]
-            live["out"].append(tok)
-            seq = self.engine.state.seqs.get(rid)
-            live["cached"] = deltas.num_cached[rid] if seq is None else (seq.num_cached or 0)
-            reason = deltas.finished.get(rid)
-            if live["params"].stop and reason is None:
-                reason = self._check_stop(rid, live)
-            changed[rid] = reason
-        return changed
+        self._outputs, emitted = apply(self._outputs, deltas, self._decode)
+        for rid in emitted.stops:
+            self.engine.finish(rid, "stop")
+        if on_step is not None:
+            on_step(deltas, self.engine.counters)
+        return emitted
 
-    def _check_stop(self, rid, live):
-        text = self.tokenizer.decode(live["out"], skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in live["params"].stop) if i >= 0]
-        if not hits:
-            return None
-        live["text"] = text[:min(hits)]  # the output excludes the stop string
-        self.engine.finish(rid, "stop")
-        return "stop"
+    def _run(self, reqs, stream: bool, on_step=None) -> Iterator[RequestOutput]:
+        """Admit reqs, step until all have finished, yield their outputs (stream: every step;
+        else only the final ones). Other requests' outputs are dropped. However it ends (done,
+        an error, the generator closed), no request of reqs is left running."""
+        left = set()
+        try:
+            for req, prompt in reqs:
+                self._add(req, prompt, stream)
+                left.add(req.rid)
+            while left:
+                for out in self._step(on_step).outputs:
+                    if out.request_id in left:
+                        if out.finished:
+                            left.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in left:
+                if rid in self._outputs:
+                    self._outputs = self._outputs.delete(rid)
+                    if self.engine.is_live(rid):  # a step that failed midway may have ended it
+                        self.engine.finish(rid)
 
-    def _output(self, rid, reason) -> RequestOutput:
-        live = self._live[rid]
-        text = live["text"]
-        if text is None:
-            text = self.tokenizer.decode(live["out"], skip_special_tokens=True) if self.tokenizer else ""
-        if reason is not None:
-            del self._live[rid]
-        return RequestOutput(rid, live["prompt"], live["ids"], text, tuple(live["out"]), reason,
-                             live["cached"])
 
-    def _run(self, rids, use_tqdm) -> list[RequestOutput]:
-        done: dict[str, RequestOutput] = {}
-        ours = set(rids)
-        bar = tqdm(total=len(rids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
-        while len(done) < len(rids):
-            before, t0 = self.engine.counters, time.perf_counter()
-            changed = self._step()
-            after, dt = self.engine.counters, max(time.perf_counter() - t0, 1e-9)
-            for rid, reason in changed.items():
-                if rid in ours and reason is not None:
-                    done[rid] = self._output(rid, reason)
-                    bar.update(1)
-            bar.set_postfix_str(
-                f"prefill {(after.prefill_tokens - before.prefill_tokens) / dt:.0f} tok/s, "
-                f"decode {(after.decode_tokens - before.decode_tokens) / dt:.0f} tok/s", refresh=False)
-        bar.close()
-        return [done[rid] for rid in rids]
+class _Progress:
+    """generate's progress bar: output tokens against the sum of max_tokens (a request that
+    ends early adds what it did not use), with prompts done and prompt / output tok/s since
+    the call started (not the last step's)."""
+
+    def __init__(self, reqs, counters, enabled: bool):
+        self.rids = {req.rid for req, _ in reqs}
+        self.max_tokens = {req.rid: req.params.max_tokens for req, _ in reqs}
+        self.start, self.prefilled, self.made, self.done = time.perf_counter(), counters.prefill_tokens, 0, 0
+        self.bar = tqdm(total=sum(self.max_tokens.values()), unit="tok", disable=not enabled,
+                        desc="Generating", dynamic_ncols=True)   # trimmed to the width
+
+    def step(self, deltas, counters) -> None:
+        if self.bar.disable:
+            return
+        n = sum(rid in self.rids for rid in deltas.rids)
+        self.made += n
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(
+            f"{self.done}/{len(self.rids)} prompts, prompt {(counters.prefill_tokens - self.prefilled) / dt:.0f}"
+            f" tok/s, output {self.made / dt:.0f} tok/s", refresh=False)
+        self.bar.update(n)          # redraws at most every 0.1 s, on the same line
+
+    def finished(self, out: RequestOutput) -> None:
+        self.done += 1
+        self.bar.update(self.max_tokens[out.request_id] - len(out.token_ids))
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 GC_FIRST_THRESHOLD = 50_000
@@ -314,6 +353,16 @@ def quiet_collector() -> None:
     atexit.register(gc.unfreeze)
     first, *rest = gc.get_threshold()
     gc.set_threshold(max(first, GC_FIRST_THRESHOLD), *rest)
+
+
+def _no_text(ids) -> str:
+    return ""    # a weight-only model folder: outputs are token ids only
+
+
+def _bad_params(params):
+    hint = ": build one with SamplingParams(**params)" if isinstance(params, dict) else ""
+    raise InvalidSamplingParams("sampling_params", params,
+                                f"must be a SamplingParams or a list of them, not a {type(params).__name__}{hint}")
 
 
 def _as_prompt_list(prompts) -> list:

@@ -1,21 +1,221 @@
-"""What generate() returns (vLLM-shaped)."""
+"""The shell's output transition: engine Deltas -> RequestOutputs (vLLM-shaped), with
+incremental detokenization and stop strings.
+
+`apply(outputs, deltas, decode) -> (outputs, Emitted)` is pure: the per-request state is a
+frozen `OutputState` in an immutable map, and `decode` (token ids -> str, the tokenizer's) is
+passed in. Its cost per step depends on what is new, never on how long the outputs already
+are: token ids and text pieces are persistent vectors (append shares structure), each step
+decodes only the new tokens with a little context, and stop strings are searched in the new
+text plus a window of max(len(stop)) - 1 earlier characters (docs/transitions.md, *Outputs*).
+"""
 from __future__ import annotations
 
-from typing import Optional
+from functools import cached_property
+from typing import Callable, Optional, Sequence
 
 import attrs
+import immutables
+from pyrsistent import PVector, pvector
+
+from functional_llm.core.records import Deltas, Request, SamplingParams
+
+REPLACEMENT = "\ufffd"   # what decode gives for the bytes of an unfinished UTF-8 character
+EMPTY = pvector()
 
 
-@attrs.frozen(slots=True)
+def _joined(parts) -> str:
+    return "".join(parts)
+
+
+@attrs.frozen(slots=True, repr=False)
 class RequestOutput:
+    """One request's output after a step. `text` and `token_ids` are cumulative; `delta_text`
+    and `delta_token_ids` hold what is new since this request's previous output (the first
+    output's delta is everything so far). The cumulative fields share the shell's persistent
+    vectors and are joined on first read, so an output costs the same at any length."""
+
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: tuple
-    text: str
-    token_ids: tuple
     finish_reason: Optional[str]     # 'stop' | 'length' | 'abort' | None while running
     num_cached_tokens: int           # prompt tokens served from the prefix cache
+    delta_text: str = ""
+    delta_token_ids: tuple = ()
+    _token_ids: Sequence = attrs.field(default=(), eq=tuple)     # init: token_ids=
+    _text_parts: Sequence = attrs.field(default=(), eq=_joined)  # init: text_parts=
+
+    @cached_property
+    def text(self) -> str:
+        return "".join(self._text_parts)
+
+    @cached_property
+    def token_ids(self) -> tuple:
+        return tuple(self._token_ids)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (f"RequestOutput(request_id={self.request_id!r}, text={self.text!r}, token_ids="
+                f"{self.token_ids!r}, finish_reason={self.finish_reason!r}, delta_text={self.delta_text!r})")
+
+
+@attrs.frozen(slots=True)
+class OutputState:
+    """A live request as the shell sees it. The detokenizer's offsets index token_ids:
+    tokens[prefix_offset:read_offset] were already turned into text and are decoded again as
+    context for the new ones; tokens[read_offset:] are not text yet (an unfinished multi-byte
+    character). `held` is decoded text not emitted yet because it may begin a stop string."""
+
+    request_id: str
+    prompt: Optional[str]            # the prompt string, if one was given
+    prompt_token_ids: tuple
+    params: SamplingParams
+    stream: bool                     # emit every step (else only the final output)
+    token_ids: PVector = EMPTY       # generated tokens
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text_parts: PVector = EMPTY      # emitted text, one piece per output
+    held: str = ""
+    tail: str = ""                   # the last max(len(stop)) - 1 characters decoded
+    num_cached: int = 0
+
+    @property
+    def detokenize(self) -> bool:
+        """Text per step: streamed, or searched for stop strings. Otherwise it is decoded once,
+        at the end (generate without stop strings)."""
+        return self.stream or bool(self.params.stop)
+
+
+@attrs.frozen(slots=True)
+class Emitted:
+    """What one apply gives the shell: the outputs (every changed streamed request, every
+    finished one), and the requests that reached a stop string while the engine still runs
+    them: the shell ends each with engine.finish(rid, "stop")."""
+
+    outputs: tuple = ()
+    stops: tuple = ()
+
+
+def start(req: Request, prompt: Optional[str], stream: bool) -> OutputState:
+    """A new request's output state (the shell adds it to the map when it adds the request)."""
+    return OutputState(request_id=req.rid, prompt=prompt, prompt_token_ids=req.prompt,
+                       params=req.params, stream=stream)
+
+
+def apply(outputs: immutables.Map, deltas: Deltas, decode: Callable[[list], str]
+          ) -> tuple[immutables.Map, Emitted]:
+    """Fold a step's deltas into the shell's output states.
+
+    Pre: every rid with a row or a finish in `deltas` is in `outputs` (rid -> OutputState).
+    A rid may have several rows (their tokens in order); a finish with no row ends a request
+    after the tokens it has (the shell's aborts: Deltas(finished={rid: "abort"})).
+    Post: each request's new tokens are appended; with `detokenize`, text is decoded token by
+    token, and the first token whose text completes a stop string ends the request there (later
+    tokens of the same delta are dropped; the text stops before the stop string). Finished
+    requests leave the map. Raises KeyError for a rid not in `outputs` (a shell bug)."""
+    new: dict = {}
+    for rid, tok in zip(deltas.rids, deltas.tokens):
+        new.setdefault(rid, []).append(tok)     # the engine sends one row per request and step
+    for rid in deltas.finished:
+        new.setdefault(rid, [])
+    emitted, stops = [], []
+    with outputs.mutate() as live:              # one batch of map updates
+        for rid, toks in new.items():
+            st = live[rid]
+            finish = deltas.finished.get(rid)
+            st, out = _advance(st, toks, finish, deltas.num_cached.get(rid, st.num_cached), decode)
+            if out.finish_reason is not None:
+                del live[rid]
+                if finish is None:
+                    stops.append(rid)
+            else:
+                live[rid] = st
+            if st.stream or out.finish_reason is not None:
+                emitted.append(out)
+        outputs = live.finish()
+    return outputs, Emitted(outputs=tuple(emitted), stops=tuple(stops))
+
+
+def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int, decode
+             ) -> tuple[OutputState, RequestOutput]:
+    tokens, parts, taken = st.token_ids, st.text_parts, len(toks)
+    prefix, read, held, tail, delta = st.prefix_offset, st.read_offset, st.held, st.tail, []
+    stops = st.params.stop
+    if not st.detokenize:
+        tokens = tokens.extend(toks)
+        if finish is not None:                  # the only decode of such a request
+            delta.append(decode(list(tokens)))
+    else:
+        window = max(map(len, stops)) - 1 if stops else 0
+        for i in range(len(toks) + (finish is not None)):
+            final = i == len(toks)              # the pass that flushes what is left at the end
+            if not final:
+                tokens = tokens.append(toks[i])
+            piece, prefix, read = _detokenize(decode, tokens, prefix, read, final)
+            if not stops:
+                delta.append(piece)
+                continue
+            if not (piece or final):
+                continue
+            text, held, tail, hit = _scan(piece, held, tail, stops, window, final)
+            delta.append(text)
+            if hit:
+                finish, taken = "stop", min(i + 1, len(toks))   # later tokens are dropped
+                break
+    text = "".join(delta)
+    if text:
+        parts = parts.append(text)
+    new = OutputState(request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
+                      params=st.params, stream=st.stream, token_ids=tokens, prefix_offset=prefix,
+                      read_offset=read, text_parts=parts, held=held, tail=tail, num_cached=num_cached)
+    first = not st.stream and finish is not None  # a request's only output carries everything
+    out = RequestOutput(request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
+                        finish_reason=finish, num_cached_tokens=num_cached,
+                        delta_text="".join(parts) if first else text,
+                        delta_token_ids=tuple(tokens) if first else tuple(toks[:taken]),
+                        token_ids=tokens, text_parts=parts)
+    return new, out
+
+
+def _detokenize(decode, tokens: PVector, prefix: int, read: int, final: bool) -> tuple[str, int, int]:
+    """The text of tokens[read:] by the prefix / read-offset method -> (text, prefix', read').
+    Decoding from prefix gives the new tokens their context (a word's leading space, merges);
+    the new text is released only once it no longer ends in U+FFFD (a character whose bytes
+    span tokens), or at the end (final), when whatever is left is all there will be."""
+    if read == len(tokens):
+        return "", prefix, read
+    before = decode(list(tokens[prefix:read]))
+    after = decode(list(tokens[prefix:]))
+    if len(after) > len(before) and (final or not after.endswith(REPLACEMENT)):
+        return after[len(before):], read, len(tokens)
+    return "", prefix, read
+
+
+def _scan(piece: str, held: str, tail: str, stops: tuple, window: int, final: bool
+          ) -> tuple[str, str, str, bool]:
+    """Stop strings over the new text -> (text to emit, held', tail', stopped).
+    A stop string cannot begin in text already emitted: any suffix of the text that begins one
+    is held (the longest such suffix, shorter than the stop), so `held` is a suffix of `tail`,
+    and a match is searched in `tail + piece` only."""
+    region = tail + piece
+    hits = [i for i in (region.find(s) for s in stops) if i >= 0]
+    begin = len(tail) - len(held)               # where the held text starts in region
+    if hits:
+        return region[begin:min(hits)], "", "", True
+    pending = held + piece
+    keep = 0 if final else _stop_prefix(pending, stops)
+    cut = len(pending) - keep
+    return pending[:cut], pending[cut:], region[max(len(region) - window, 0):], False
+
+
+def _stop_prefix(text: str, stops: tuple) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

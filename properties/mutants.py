@@ -30,7 +30,7 @@ import attrs
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CORE_TESTS = ["properties/test_pool_machine.py", "properties/test_scheduler_machine.py",
               "properties/test_pipeline_machine.py", "properties/test_hashing.py",
-              "properties/test_trace_roundtrip.py"]
+              "properties/test_trace_roundtrip.py", "properties/test_outputs_machine.py"]
 MODEL_TESTS = ["properties/test_model_differential.py"]
 
 
@@ -70,7 +70,8 @@ MUTANTS = (
     _m("budget_not_charged", "running sequences do not use up the token budget",
        "core/scheduler.py", ("        budget -= n\n        i += 1", "        i += 1")),
     _m("leak_on_finish", "commit does not free a finished sequence's blocks",
-       "core/commit.py", ("        pool = B.free(pool, seq.block_table)\n        cached[rid]", "        cached[rid]")),
+       "core/commit.py", ("        seq = seqs.pop(rid)\n        pool = B.free(pool, seq.block_table)\n",
+                          "        seq = seqs.pop(rid)\n")),
     _m("compaction_loses_positions", "free-queue compaction keeps the blocks, not their positions",
        "core/blocks.py", ("        queued_at[b] = i\n", "        queued_at[b] = queued_at[b]\n")),
     _m("free_first_block_first", "free queues a table's first block first (tails outlive prefixes)",
@@ -90,6 +91,8 @@ MUTANTS = (
        ("        deltas = Deltas()\n        if prev is not None:\n",
         "        if launched is not None:\n            self.state = C.advance(self.state, self.sched, plan)\n"
         "        deltas = Deltas()\n        if prev is not None:\n")),
+    _m("stop_window_one_short", "stop strings are searched with one character too few of the "
+       "earlier text", "outputs.py", ("max(map(len, stops)) - 1", "max(map(len, stops)) - 2")),
 )
 
 
@@ -182,6 +185,10 @@ LABELS = {"pool_machine": "pool", "pool_machine_with_weak_hash": "pool-weak",
           "scheduler_machine_with_weak_hash": "sched-weak", "pipeline_machine": "pipe",
           "equal_prefixes_iff_equal_chain_hashes": "hash", "chain_hash_stable_across_processes": "hash-proc",
           "generated_traces_replay_exactly": "replay", "tampered_step_is_reported_at_that_step": "tamper",
+          "any_split_into_deltas_gives_the_one_delta_output": "out-split",
+          "abort_after_k_tokens_gives_the_output_of_those_k": "out-abort",
+          "streamed_deltas_join_to_the_final_output_and_never_show_a_stop": "out-stream",
+          "text_is_the_decode_of_the_tokens_cut_before_the_first_stop": "out-text",
           "prefix_hit_kv_equals_recomputed_kv": "model-I9",
           "tokens_independent_of_batching_chunking_preemption_and_hits": "model-I10"}
 

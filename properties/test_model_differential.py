@@ -19,7 +19,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from functional_llm.core.blocks import blocks_for
-from functional_llm.core.records import SamplingParams, SchedConfig
+from functional_llm.core.records import Request, SamplingParams, SchedConfig
 from functional_llm.kernels import get_backend
 from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
@@ -67,7 +67,7 @@ def run(eng: Engine, requests, arrivals=None) -> dict:
     for step in range(1000):
         for rid in [r for r in pending if arrivals.get(r, 0) <= step]:
             prompt, params = pending.pop(rid)
-            eng.add(rid, prompt, params, params.seed or 0)
+            eng.add(Request(rid=rid, prompt=tuple(prompt), params=params, seed=params.seed or 0))
         if not pending and not eng.has_unfinished():
             return out
         deltas = eng.step()
@@ -160,7 +160,7 @@ def test_I9_prefix_hit_kv_equals_recomputed_kv(stem, tail_a, tail_b, block_size,
 
 def prefill_kv(eng: Engine, prompt: tuple, params) -> torch.Tensor:
     """Run `prompt` until its first token is sampled; its prompt's K/V [L, 2, T, K, D]."""
-    eng.add("b", prompt, params, 0)
+    eng.add(Request(rid="b", prompt=tuple(prompt), params=params, seed=0))
     while "b" not in eng.step().rids:
         pass
     table = eng.state.seqs["b"].block_table.tolist()

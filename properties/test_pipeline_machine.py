@@ -215,7 +215,7 @@ class PipelineMachine(RuleBasedStateMachine):
         req = Request(rid, prompt, params, seed, len(self.requests))
         refused = []
         for add in (lambda: self.sync.add(req), lambda: self.piped.add(req),
-                    lambda: self.engine.add(rid, prompt, params, seed)):
+                    lambda: self.engine.add(req)):
             try:
                 add()
                 refused.append(False)

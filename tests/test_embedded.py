@@ -65,3 +65,39 @@ def test_cli_prints_the_answer(capsys):
     assert "Paris" in capsys.readouterr().out
     assert main(["generate", "hi", "--model", "/nonexistent/folder"]) == 2
     assert "model" in capsys.readouterr().err
+
+
+def _streamed(llm, prompts, params):
+    """Run llm.stream: per prompt, the final output and the joined delta_text / delta_token_ids."""
+    final, text, ids = {}, {}, {}
+    for out in llm.stream(prompts, params):
+        text[out.prompt] = text.get(out.prompt, "") + out.delta_text
+        ids[out.prompt] = ids.get(out.prompt, ()) + out.delta_token_ids
+        assert out.text == text[out.prompt] and out.token_ids == ids[out.prompt]
+        if out.finished:
+            final[out.prompt] = out
+    return [final[p] for p in prompts], [text[p] for p in prompts]
+
+
+def test_stream_equals_generate_greedy_and_seeded(llm):
+    prompts = ["Écris trois mots français avec des accents :", "Write 'café' in Japanese katakana:",
+               "List three emoji:"]      # multi-byte characters, split across byte-level tokens
+    for params in (SamplingParams(temperature=0, max_tokens=24),
+                   SamplingParams(temperature=0.9, seed=7, max_tokens=24)):
+        want = llm.generate(prompts, params, use_tqdm=False)
+        got, joined = _streamed(llm, prompts, params)
+        assert [o.token_ids for o in got] == [w.token_ids for w in want]
+        assert joined == [o.text for o in got] == [w.text for w in want]
+        assert [o.finish_reason for o in got] == [w.finish_reason for w in want]
+    assert any(ord(c) > 127 for w in want for c in w.text)   # the prompts did make them
+    assert llm.counters["blocks_in_use"] == 0
+
+
+def test_stream_holds_back_and_excludes_stop_strings(llm):
+    params = SamplingParams(temperature=0, max_tokens=32, stop=[" is "])
+    prompt = llm.tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    want = llm.generate(prompt, params, use_tqdm=False)[0]
+    (got,), (joined,) = _streamed(llm, [prompt], params)
+    assert got.finish_reason == want.finish_reason == "stop" and " is" not in joined
+    assert joined == got.text == want.text and got.token_ids == want.token_ids
+    assert llm.counters["blocks_in_use"] == 0

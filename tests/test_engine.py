@@ -192,3 +192,45 @@ def test_pipelined_engine_gives_the_synchronous_outputs(qwen3):
 
 def want_greedy(llm, prompt):
     return llm.generate(prompt, GREEDY, use_tqdm=False)[0].token_ids
+
+
+def test_stream_equals_generate_and_closing_it_early_aborts(qwen3):
+    """Tiny model (no tokenizer: token ids only): stream's deltas join to generate's tokens, on
+    the synchronous and the pipelined engine; a stream closed early leaves nothing running."""
+    ps = prompts(5, lo=3, hi=20, seed=3)
+    params = [SamplingParams(temperature=0.7 * (i % 2), seed=i, max_tokens=4 + i, ignore_eos=True)
+              for i in range(len(ps))]
+    for piped in (False, True):
+        llm = LLM(str(qwen3), block_size=4, async_scheduling=piped)
+        want = llm.generate(ps, params, use_tqdm=False)
+        joined, last = {}, {}
+        for out in llm.stream(ps, params):
+            joined[out.request_id] = joined.get(out.request_id, ()) + out.delta_token_ids
+            assert out.token_ids == joined[out.request_id]
+            last[out.request_id] = out
+        assert [last[r].token_ids for r in sorted(last, key=lambda r: int(r.split("-")[1]))] == \
+            [w.token_ids for w in want]
+        assert all(o.finish_reason == "length" for o in last.values())
+        gen = llm.stream(ps, SamplingParams(max_tokens=50, ignore_eos=True))
+        next(gen)
+        gen.close()
+        assert llm.counters["blocks_in_use"] == 0
+        while llm.has_unfinished_requests():     # pipelined: the step in flight drains, silent
+            assert llm.step() == []
+
+
+def test_request_ids_never_collide_and_a_dict_of_params_is_named(qwen3):
+    llm = LLM(str(qwen3), block_size=4)
+    llm.add_request([1, 2, 3], SamplingParams(max_tokens=40), request_id="req-0")
+    outs = llm.generate([[4, 5, 6], [7, 8]], GREEDY, use_tqdm=False)   # auto ids skip "req-0"
+    assert len(outs) == 2 and "req-0" not in {o.request_id for o in outs}
+    auto = llm.add_request([1, 2])
+    with pytest.raises(InvalidPrompt) as e:
+        llm.add_request([3], request_id=auto)
+    assert e.value.parameter == "request_id"
+    for call in (lambda: llm.generate([1, 2], {"temperature": 0}, use_tqdm=False),
+                 lambda: llm.add_request([1, 2], {"temperature": 0})):
+        with pytest.raises(InvalidSamplingParams) as e:
+            call()
+        assert e.value.parameter == "sampling_params" and e.value.value == {"temperature": 0}
+        assert "SamplingParams(**" in str(e.value)

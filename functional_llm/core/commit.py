@@ -68,7 +68,7 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
     row's sample) replaces that row's PENDING token; then stop ids, EOS, max_tokens and
     max_model_len decide who finishes. Finished sequences release their blocks and leave the
     state wherever they are (a pipelined engine may have preempted one meanwhile)."""
-    finished, out_rids, out_tokens = {}, [], []
+    finished, out_rids, out_tokens, cached = {}, [], [], {}
     eos, max_len = cfg.eos_token_ids, cfg.max_model_len
     seqs = dict(state.seqs)
     rows = [(rid, start + count) for rid, start, count, smp
@@ -81,16 +81,16 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
                               seq.block_table, seq.block_hashes, seq.num_cached)
         out_rids.append(rid)
         out_tokens.append(tok)
+        cached[rid] = seq.num_cached or 0
         p, n = seq.req.params, pos + 1 - len(seq.req.prompt)
         if (tok in p.stop_token_ids or (tok in eos and not p.ignore_eos)) and n > p.min_tokens:
             finished[rid] = "stop"          # EOS / stop ids count only after min_tokens tokens
         elif n >= p.max_tokens or pos + 1 >= max_len:
             finished[rid] = "length"
-    pool, cached = state.pool, {}
+    pool = state.pool
     for rid in finished:
         seq = seqs.pop(rid)
         pool = B.free(pool, seq.block_table)
-        cached[rid] = seq.num_cached or 0
     running, waiting = state.running, state.waiting
     if finished:
         running = tuple(r for r in running if r not in finished)

@@ -88,13 +88,14 @@ class SamplingParams:
 
 @attrs.frozen(slots=True)
 class Request:
-    """What a user submitted, after tokenisation. Never changes."""
+    """What a user submitted, after tokenisation: built and validated once by the shell and
+    handed to the engine as is; only `admit` stamps its arrival."""
 
     rid: str
     prompt: tuple                   # prompt token ids
     params: SamplingParams
     seed: int                       # the sampling key's seed (explicit or derived)
-    arrival: int                    # admission order, for traces and tie-breaking
+    arrival: Optional[int] = None   # admission order (Counters.arrivals), stamped by admit
     # the sampler's per-row values, gathered once here instead of on every step
     knobs: tuple = attrs.field(init=False, eq=False, repr=False, default=attrs.Factory(
         lambda self: (self.params.temperature, self.params.top_p, self.params.min_p,
@@ -198,6 +199,7 @@ class Counters:
     chunked_prefills: int = 0       # prefill pieces that stopped short of the prompt's end
     preemptions: int = 0
     cache_hit_tokens: int = 0
+    arrivals: int = 0               # requests admitted so far: the next Request.arrival
 
 
 @attrs.frozen(slots=True)
@@ -255,12 +257,13 @@ class Delta:
 
 @attrs.frozen(slots=True)
 class Deltas:
-    """A step's deltas, struct-of-arrays: sampled token per row, then the finished rows."""
+    """A step's deltas, struct-of-arrays: sampled token per row, then the finished rows.
+    Everything the shell needs (outputs.apply): it never reads the engine's state."""
 
     rids: tuple = ()
     tokens: tuple = ()
     finished: Mapping = MappingProxyType({})   # rid -> finish reason
-    num_cached: Mapping = MappingProxyType({})  # rid -> Seq.num_cached, for finished rids
+    num_cached: Mapping = MappingProxyType({})  # rid -> Seq.num_cached, for every rid with a row
 
     def __iter__(self):
         for rid, tok in zip(self.rids, self.tokens):

@@ -37,14 +37,18 @@ def check_request(cfg: SchedConfig, req: Request) -> None:
 
 
 def admit(state: SchedState, cfg: SchedConfig, req: Request) -> SchedState:
-    """Append a new request to the waiting queue. Raises ValueError subclasses (state unchanged)
-    for invalid requests or a duplicate id."""
+    """Append a new request to the waiting queue, its arrival stamped from the state's count
+    (the one place arrivals are numbered, so a replay numbers them alike). Raises ValueError
+    subclasses (state unchanged) for invalid requests or a duplicate id."""
     check_request(cfg, req)
     if req.rid in state.seqs:
         raise InvalidPrompt("request_id", req.rid, "is already in use by a live request")
+    ctr = state.counters
+    req = attrs.evolve(req, arrival=ctr.arrivals)
     seqs = dict(state.seqs)
     seqs[req.rid] = Seq(req, pvector(req.prompt))
-    return attrs.evolve(state, waiting=state.waiting + (req.rid,), seqs=MappingProxyType(seqs))
+    return attrs.evolve(state, waiting=state.waiting + (req.rid,), seqs=MappingProxyType(seqs),
+                        counters=attrs.evolve(ctr, arrivals=ctr.arrivals + 1))
 
 
 def _reset(seq: Seq) -> Seq:

@@ -248,6 +248,8 @@ def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
                 state = S.admit(state, cfg, request_from_record(r))
             except (FunctionalLLMError, TypeError, KeyError) as e:
                 return stop(step, "input", "an admissible request", repr(e))
+            if state.seqs[r["rid"]].req.arrival != r["arrival"]:   # admit numbers arrivals
+                return stop(step, "input", f"arrival {r['arrival']}", state.seqs[r["rid"]].req.arrival)
         elif kind == "finish":
             if r.get("rid") not in state.seqs:
                 return stop(step, "input", f"live request {r.get('rid')!r}", sorted(state.seqs))

@@ -139,7 +139,6 @@ class Engine:
         self.runner, self.sched, self.pipeline = runner, sched, pipeline
         self.trace = trace
         self.state = new_state(sched)
-        self._arrivals = 0
         self._flight: _InFlight | None = None
         self.dropped_rows = 0   # pipelined: planned rows whose sequence ended while in flight
 
@@ -148,12 +147,11 @@ class Engine:
         """Raise the typed error add() would raise, without admitting anything."""
         S.check_request(self.sched, req)
 
-    def add(self, rid: str, prompt, params, seed: int) -> None:
-        req = Request(rid, tuple(prompt), params, seed, self._arrivals)
+    def add(self, req: Request) -> None:
+        """Admit a request built and validated by the shell, as is (admit stamps its arrival)."""
         self.state = S.admit(self.state, self.sched, req)  # raises before any change
-        self._arrivals += 1
         if self.trace is not None:
-            self.trace.write(T.arrival_record(req, self.state.counters.steps))
+            self.trace.write(T.arrival_record(self.state.seqs[req.rid].req, self.state.counters.steps))
 
     def finish(self, rid: str, reason: str = "abort") -> None:
         """End a request for a reason decided outside core (stop string, abort)."""
@@ -163,12 +161,19 @@ class Engine:
         if self.trace is not None:
             self.trace.write(T.finish_record(rid, reason, self.state.counters.steps))
 
+    def is_live(self, rid: str) -> bool:
+        return rid in self.state.seqs
+
     def has_unfinished(self) -> bool:
         return bool(self.state.waiting or self.state.running or self._flight)
 
     @property
     def counters(self) -> Counters:
         return self.state.counters
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.state.blocks_in_use
 
     @property
     def kv(self) -> torch.Tensor:
