@@ -76,6 +76,9 @@ MUTANTS = (
        "core/blocks.py", ("        queued_at[b] = i\n", "        queued_at[b] = queued_at[b]\n")),
     _m("free_first_block_first", "free queues a table's first block first (tails outlive prefixes)",
        "core/blocks.py", ("for b in reversed([int(b) for b in blocks]):", "for b in [int(b) for b in blocks]:")),
+    _m("preempt_frees_front_first", "a preemption frees the victim's table first block first "
+       "(its cached prefix is evicted before its tail)", "core/scheduler.py",
+       ("pool = B.free(pool, seq.block_table)", "pool = B.free(pool, seq.block_table[::-1])")),
     _m("resolve_leaves_it_waiting", "resolve drops a finished sequence preempted meanwhile "
        "from seqs but leaves it waiting", "core/commit.py",
        ("        if waiting:\n            waiting = tuple(r for r in waiting if r not in finished)\n", "")),
