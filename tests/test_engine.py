@@ -234,3 +234,12 @@ def test_request_ids_never_collide_and_a_dict_of_params_is_named(qwen3):
             call()
         assert e.value.parameter == "sampling_params" and e.value.value == {"temperature": 0}
         assert "SamplingParams(**" in str(e.value)
+
+
+def test_generate_progress_bar_counts_tokens_with_overall_rates(qwen3, capsys):
+    llm = LLM(str(qwen3), block_size=4)
+    llm.generate(prompts(3), [SamplingParams(max_tokens=n, ignore_eos=True) for n in (4, 6, 8)])
+    draws = capsys.readouterr().err.rstrip("\n").split("\r")
+    assert "\n" not in "".join(draws)                       # one line, redrawn in place
+    assert "18/18 tokens" in draws[-1] and "3/3 prompts" in draws[-1]
+    assert "prompt " in draws[-1] and "output " in draws[-1] and "tok/s" in draws[-1]
