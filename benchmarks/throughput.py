@@ -9,6 +9,7 @@ model.safetensors) and loaded through the normal loader. 256 requests, prompt le
 Prints one JSON line: output tokens, seconds, tok/s, copy bandwidth, floor and % of floor.
 """
 import argparse
+import gc
 import json
 import random
 import tempfile
@@ -92,6 +93,7 @@ def main():
     ap.add_argument("--hf", action="store_true", help="also time HF generate on 16 requests")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--sync", action="store_true", help="async_scheduling off (the synchronous loop)")
+    ap.add_argument("--startup-only", action="store_true", help="report the start-up time and exit")
     ap.add_argument("--gaps", action="store_true",
                     help="time the device's idle gaps between steps (CUDA events around each launch)")
     args = ap.parse_args()
@@ -101,19 +103,33 @@ def main():
     prompts, outs = workload(args.num_seqs)
     floor = floor_seconds(prompts, outs, bandwidth)
     folder = random_model(tempfile.mkdtemp(prefix="qwen3-0.6b-random-"))
+    t0 = time.perf_counter()
     llm = LLM(folder, attention_backend=args.backend, block_size=args.block_size, max_model_len=4096,
               enforce_eager=args.enforce_eager, async_scheduling=not args.sync,
               tensor_parallel_size=args.tp)
+    startup = dict(startup_s=round(time.perf_counter() - t0, 1),
+                   capture_s=round(getattr(llm.engine.runner.graphs, "capture_seconds", 0.0), 1),
+                   compile_s=round(getattr(llm.engine.runner.graphs, "compile_seconds", 0.0), 1),
+                   graphs=len(getattr(llm.engine.runner.graphs, "graphs", ())))
+    if args.startup_only:   # (a second process sharing TORCHINDUCTOR_CACHE_DIR: the warm figure)
+        print(json.dumps(startup), flush=True)
+        return
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in outs]
-    # warm-up: batch sizes shrink from 256 to 1, so every decode graph bucket gets captured
+    # warm-up (graphs are all captured at start-up; this warms allocators and caches)
     warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1 + i % 64) for i in range(len(outs))]
     llm.generate([[20000 + t for t in p[:64]] for p in prompts], warm, use_tqdm=False)  # no shared prefix
+    # every bucket and sampler mode was compiled and captured at start-up: nothing may
+    # compile inside the timed run
+    torch._dynamo.config.error_on_recompile = True
     events = watch_launches(llm.engine.runner) if args.gaps else None
+    collections = watch_collector() if args.gaps else None
     torch.cuda.synchronize()
     t = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
+    if collections is not None:
+        gc.callbacks.pop()
     n_out = sum(len(r.token_ids) for r in results)
     report = dict(engine="functional_llm", backend=llm.engine.runner.model.backend.name,
                   block_size=llm.engine.sched.block_size, cuda_graphs=llm.engine.runner.graphs is not None,
@@ -121,9 +137,11 @@ def main():
                   tok_s=round(n_out / dt), copy_bw_TBs=round(bandwidth / 1e12, 3),
                   floor_s=round(floor, 3), pct_of_floor=round(100 * floor / dt, 1),
                   steps=llm.counters["steps"], preemptions=llm.counters["preemptions"],
-                  async_scheduling=llm.engine.pipeline, tensor_parallel_size=args.tp)
+                  async_scheduling=llm.engine.pipeline, tensor_parallel_size=args.tp, **startup)
     if events:
         report.update(gap_summary(events, dt))
+        report["gc_ms"] = {g: round(sum(ms for gen, ms in collections if gen == g), 1) for g in (0, 1, 2)}
+        report["gc_max_ms"] = round(max((ms for _, ms in collections), default=0.0), 1)
     if args.hf:
         report["hf_tok_s"] = round(hf_generate(folder, prompts[:16], outs[:16]))
     print(json.dumps(report), flush=True)
@@ -145,6 +163,20 @@ def watch_launches(runner) -> list:
     return events
 
 
+def watch_collector() -> list:
+    """(generation, ms) of every cyclic-GC collection from now on (host pauses)."""
+    out, start = [], {}
+
+    def callback(phase, info):
+        if phase == "start":
+            start["t"] = time.perf_counter()
+        else:
+            out.append((info["generation"], 1e3 * (time.perf_counter() - start["t"])))
+
+    gc.callbacks.append(callback)
+    return out
+
+
 def gap_summary(events, seconds) -> dict:
     """The device's idle time between steps: from one step's end to the next one's start
     (the start event completes when the host has queued it, or when the previous work ends)."""
@@ -155,7 +187,9 @@ def gap_summary(events, seconds) -> dict:
                 gap_ms_max=round(max(gaps), 1), gap_pct=round(100 * sum(gaps) / 1e3 / seconds, 1),
                 step_ms_median=round(sorted(busy)[len(busy) // 2], 3),
                 decode_busy_ms=round(sum(decode)), other_busy_ms=round(sum(busy) - sum(decode)),
-                decode_steps=len(decode))
+                decode_steps=len(decode), gaps_over_5ms=sum(g > 5 for g in gaps),
+                largest_gaps=[(i, round(gaps[i], 1), events[i][2], events[i + 1][2]) for i in
+                              sorted(range(len(gaps)), key=gaps.__getitem__)[-3:]])
 
 
 def hf_generate(folder, prompts, outs) -> float:

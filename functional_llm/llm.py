@@ -22,7 +22,8 @@ from functional_llm.kernels import default_backend, get_backend
 from functional_llm.model.config import load_config
 from functional_llm.outputs import Emitted, RequestOutput, apply
 from functional_llm.outputs import start as start_output
-from functional_llm.runtime.build import DeviceSpec, build_runner, check_split, resolve_dtype
+from functional_llm.runtime.build import (DeviceSpec, build_runner, check_backend, check_split,
+                                          resolve_dtype)
 from functional_llm.runtime.engine import Engine
 
 DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste on CPU
@@ -97,6 +98,7 @@ class LLM:
         # flash-attn 4's fast paged path reads whole 128-token pages; elsewhere 16 keeps prefix
         # reuse fine-grained and tail waste small
         block_size = block_size or (128 if backend.name == "flash" else DEFAULT_BLOCK_SIZE)
+        check_backend(backend, cfg, block_size)
         spec = DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name,
                           block_size, num_kv_blocks, max_num_seqs,
                           max_num_batched_tokens or max(8192, block_size),
@@ -181,11 +183,15 @@ class LLM:
         decoded once per request at its end (per step only for requests with stop strings)."""
         reqs = self._requests(prompts, sampling_params)
         done, bar = {}, _Progress(reqs, self.engine.counters, use_tqdm)
+        paused = gc.isenabled()
+        gc.disable()    # see quiet_collector: one collection of the young records stalls a step
         try:
             for out in self._run(reqs, stream=False, on_step=bar.step):
                 done[out.request_id] = out
                 bar.finished(out)
         finally:
+            if paused:
+                gc.enable()
             bar.close()
         return [done[req.rid] for req, _ in reqs]
 
@@ -359,6 +365,10 @@ def quiet_collector() -> None:
     atexit.register(gc.unfreeze)
     first, *rest = gc.get_threshold()
     gc.set_threshold(max(first, GC_FIRST_THRESHOLD), *rest)
+    # Even so, one collection of the young generation at 256 sequences took ~50 ms on the GPU
+    # machine's CPU (benchmarks/throughput.py --gaps: gc_max_ms): a 50 ms hole in the device's
+    # work. generate() therefore pauses the collector for its run (the per-step records are
+    # acyclic: reference counting frees them) and restores it after.
 
 
 def _no_text(ids) -> str:

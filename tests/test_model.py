@@ -149,7 +149,8 @@ def test_reference_backend_matches_dense_attention():
     gen = torch.Generator().manual_seed(0)
     H, K, D, S, N = 6, 2, 8, 4, 40
     q_lens, cached = [1, 7, 1, 3, 1, 12], [9, 0, 3, 5, 0, 2]
-    k_cache, v_cache = torch.full((2, N, S, K, D), float("nan")).unbind(0)
+    kv = torch.full((1, 2, N, S, K, D), float("nan"))       # a one-layer pool
+    k_cache, v_cache = kv[0].unbind(0)
     tables, slots, next_block = [], [], 0
     for ql, c in zip(q_lens, cached):
         nb = -(-(ql + c) // S)
@@ -171,7 +172,7 @@ def test_reference_backend_matches_dense_attention():
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
         max_q=max(q_lens), max_seq_len=max(seq_lens)))
-    out = BACKEND.forward(q, k, v, k_cache, v_cache, batch, scale=D ** -0.5)
+    out = BACKEND.forward(q, k, v, kv, 0, batch, scale=D ** -0.5)
     for b, (ql, c) in enumerate(zip(q_lens, cached)):
         rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
         keys = torch.cat([past_k[b], k[rows]]).repeat_interleave(H // K, dim=1)   # [L, H, D]

@@ -5,6 +5,7 @@ The TP=2 workers are spawned processes that import this module, so it imports no
 module level (tiny_models pulls in transformers: imported inside the fixture)."""
 from __future__ import annotations
 
+import functools
 import socket
 import time
 
@@ -232,9 +233,18 @@ def test_sliced_loading_reads_only_the_rank_slices(folders, monkeypatch, arch, w
 
 # ---- TP=2 over gloo against world 1 ----
 
-def _greedy(params, cfg, mesh) -> tuple[list[int], torch.Tensor]:
+def _logits(params, cfg, mesh, ids, pos, batch, kv) -> torch.Tensor:
+    return compute_logits(params, cfg, forward(params, cfg, ids, pos, batch, kv, BACKEND, mesh), mesh)
+
+
+def _greedy(params, cfg, mesh, traced=False) -> tuple[list[int], torch.Tensor]:
     """Prefill PROMPT, then NEW_TOKENS - 1 single-token decodes through a NaN-filled paged pool
-    of the rank's kv heads. Returns the greedy tokens and the logits of every step [n, V]."""
+    of the rank's kv heads. Returns the greedy tokens and the logits of every step [n, V].
+    traced: each step runs traced whole by torch.compile(fullgraph=True), collectives
+    included (backend "eager": a graph break fails, and the ops are the eager ones)."""
+    step = functools.partial(_logits, params, cfg, mesh)
+    if traced:
+        step = torch.compile(step, backend="eager", fullgraph=True)
     kv = torch.full((cfg.num_layers, 2, NUM_BLOCKS, BLOCK, cfg.num_kv_heads, cfg.head_dim),
                     float("nan"))
     tokens, start, logits = list(PROMPT), 0, []
@@ -246,9 +256,7 @@ def _greedy(params, cfg, mesh) -> tuple[list[int], torch.Tensor]:
             seq_lens=torch.tensor([len(tokens)], dtype=torch.int32),
             block_tables=torch.tensor([TABLE], dtype=torch.int32),
             max_q=len(pos), max_seq_len=len(tokens)))
-        hidden = forward(params, cfg, torch.tensor(tokens[start:]), torch.tensor(pos), batch, kv,
-                         BACKEND, mesh)
-        logits.append(compute_logits(params, cfg, hidden, mesh))
+        logits.append(step(torch.tensor(tokens[start:]), torch.tensor(pos), batch, kv))
         start = len(tokens)
         tokens.append(int(logits[-1][-1].argmax()))
     return tokens[len(PROMPT):], torch.cat(logits)
@@ -266,7 +274,8 @@ def _tp_worker(rank: int, world: int, port: int, folders: dict, out_dir: str) ->
             params = fuse_params(load_params_sharded(folder, cfg, torch.float32, "cpu", rank,
                                                      world), cfg)
             tokens, logits = _greedy(params, cfg_for_rank(cfg, world), mesh)
-            torch.save({"tokens": tokens, "logits": logits,
+            traced = _greedy(params, cfg_for_rank(cfg, world), mesh, traced=True)
+            torch.save({"tokens": tokens, "logits": logits, "traced": traced,
                         "shapes": {n: tuple(t.shape) for n, t in params.items()}},
                        f"{out_dir}/{arch}-{rank}.pt")
     finally:
@@ -313,3 +322,7 @@ def test_tp2_matches_world1(folders, tp2_runs, arch):
     torch.testing.assert_close(rank0["logits"], logits, atol=1e-4, rtol=1e-4)
     # all-gathered logits: both ranks see the same numbers and so pick the same tokens
     assert rank1["tokens"] == rank0["tokens"] and torch.equal(rank1["logits"], rank0["logits"])
+    # the step traced whole (functional collectives in the graph) computes the same numbers
+    for rank in (rank0, rank1):
+        assert rank["traced"][0] == rank["tokens"]
+        assert torch.equal(rank["traced"][1], rank["logits"])

@@ -81,15 +81,20 @@ def make_case(cached, q_lens, S, K, G, D, dtype, device=DEVICE, seed=0):
     return (*(x.to(device) for x in (q, k, v, k_cache, v_cache)), batch)
 
 
+def pool(k_cache, v_cache):
+    """A one-layer pool [1, 2, N, S, K, D] holding copies of the caches."""
+    return torch.stack([k_cache, v_cache])[None].clone()
+
+
 def run_both(case, triton_backend, scale=None):
     """(reference out, k_cache, v_cache), (triton out, k_cache, v_cache) on copies of the pool."""
     q, k, v, k_cache, v_cache, batch = case
     scale = scale or q.shape[-1] ** -0.5
     results = []
     for backend in (ReferenceBackend(), triton_backend):
-        kc, vc = k_cache.clone(), v_cache.clone()
-        out = backend.forward(q, k, v, kc, vc, backend.prepare(batch), scale)
-        results.append((out, kc, vc))
+        kv = pool(k_cache, v_cache)
+        out = backend.forward(q, k, v, kv, 0, backend.prepare(batch), scale)
+        results.append((out, kv[0, 0], kv[0, 1]))
     return results
 
 
@@ -128,8 +133,7 @@ def test_matches_reference(name):
 def test_default_tiles_and_heuristic_splits():
     """The tile sizes and num_splits a real run picks (here head_dim 128, fp32 tiles)."""
     backend = TritonBackend()
-    backend.num_sms = 8       # as on the CPU; on a GPU this makes the heuristic split here too
-    assert choose_num_splits(2, 2, 300, backend.num_sms) == 2
+    assert choose_num_splits(2, 2, 300, 8) == 2     # 8 SMs: the interpreter's stand-in
     check(make_case([299, 0, 40], [1, 20, 1], 16, 2, 2, 128, torch.float32), backend, 1e-5)
 
 
@@ -182,10 +186,10 @@ def test_real_sizes_bf16(S, num_splits, mixed):
     q, k, v, k_cache, v_cache, batch = make_case(cached, q_lens, S, 8, 2, 128, torch.bfloat16,
                                                  device="cuda", seed=S)
     reference = ReferenceBackend()
-    ref = reference.forward(q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(),
+    ref = reference.forward(q.float(), k.float(), v.float(), pool(k_cache, v_cache).float(), 0,
                             reference.prepare(batch), 128 ** -0.5)
     backend = TritonBackend(num_splits=num_splits)
-    out = backend.forward(q, k, v, k_cache, v_cache, backend.prepare(batch), 128 ** -0.5)
+    out = backend.forward(q, k, v, pool(k_cache, v_cache), 0, backend.prepare(batch), 128 ** -0.5)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
@@ -197,14 +201,15 @@ def test_forward_does_not_sync_and_replays_in_a_graph():
                                                  device="cuda")
     backend = TritonBackend()
     prepared = backend.prepare(batch)
-    eager = backend.forward(q, k, v, k_cache, v_cache, prepared, 0.1)       # compiles
+    kv = pool(k_cache, v_cache)
+    eager = backend.forward(q, k, v, kv, 0, prepared, 0.1)       # compiles
     torch.cuda.set_sync_debug_mode("error")
     try:
-        backend.forward(q, k, v, k_cache, v_cache, backend.prepare(batch), 0.1)
+        backend.forward(q, k, v, kv, 0, backend.prepare(batch), 0.1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = backend.forward(q, k, v, k_cache, v_cache, backend.prepare(batch), 0.1)
+        captured = backend.forward(q, k, v, kv, 0, backend.prepare(batch), 0.1)
     graph.replay()
     torch.testing.assert_close(captured, eager, rtol=0, atol=0)

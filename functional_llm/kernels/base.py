@@ -39,12 +39,18 @@ class AttentionBackend(Protocol):
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         """Host side, once per step: return `batch` with `extra` filled in. Pure."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
-                scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, K, D] -> out [T, H, D]. Writes k/v into the caches at
-        batch.slot_mapping first (the caches are the one in-place object), then attends each
-        query causally over its sequence's cached prefix plus the new tokens."""
+    def check(self, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise InvalidConfig naming the parameter this backend cannot serve (before anything
+        is built)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+                layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, K, D], kv [L, 2, N, S, K, D] -> out [T, H, D]. Writes k/v into
+        kv[layer] at batch.slot_mapping first (the pool is the one in-place object; it is
+        passed whole so a compiled step mutates a graph input, not a view of one), then attends
+        each query causally over its sequence's cached prefix plus the new tokens. A backend
+        with `compilable = True` does both inside one registered op that torch.compile keeps
+        as one node; its `prepare` is then the identity."""
 
 
 _REGISTRY: dict[str, str] = {

@@ -42,7 +42,16 @@ class FlashBackend:
         torch.cumsum(batch.seq_lens, 0, out=cu_k[1:])
         return attrs.evolve(batch, extra=cu_k)
 
-    def forward(self, q, k, v, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    def check(self, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        from functional_llm.errors import InvalidConfig
+        if self.generation == 2 and block_size % 256:
+            raise InvalidConfig("block_size", block_size, "flash-attn 2's paged path needs a "
+                                "multiple of 256")
+        if head_dim % 8 or head_dim > 256:
+            raise InvalidConfig("head_dim", head_dim, "flash-attn needs a multiple of 8, <= 256")
+
+    def forward(self, q, k, v, kv, layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
+        k_cache, v_cache = kv[layer, 0], kv[layer, 1]
         K, D = k.shape[1], k.shape[2]
         k_cache.view(-1, K, D).index_copy_(0, batch.slot_mapping, k)
         v_cache.view(-1, K, D).index_copy_(0, batch.slot_mapping, v)

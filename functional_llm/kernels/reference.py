@@ -69,11 +69,15 @@ class ReferenceBackend:
         groups = tuple(_group(batch, part, q_lens, seq_lens) for part in (decode, chunks) if part)
         return attrs.evolve(batch, extra=_Plan(groups))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
-                scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, K, D], k_cache/v_cache [N, S, K, D] -> out [T, H, D].
-        Writes k/v into the caches at batch.slot_mapping, then attends causally."""
+    @staticmethod
+    def check(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """Serves any block size and head shape."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+                layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, K, D], kv [L, 2, N, S, K, D] -> out [T, H, D].
+        Writes k/v into kv[layer] at batch.slot_mapping, then attends causally."""
+        k_cache, v_cache = kv[layer, 0], kv[layer, 1]
         N, S, K, D = k_cache.shape
         T, H, _ = q.shape
         G = H // K

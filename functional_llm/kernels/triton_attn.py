@@ -17,6 +17,7 @@ CUDA graph. Softmax is online, in fp32, in base 2 (the scale is folded with log2
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import attrs
@@ -142,12 +143,22 @@ def _combine(out, part_out, part_lse, cu_q, stride_ot, stride_oh, num_splits, H,
 
 
 @_jit
-def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, stride_qt, stride_qh,
-             stride_ot, stride_oh, stride_n, stride_s, stride_h, stride_bt, qk_scale,
+def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, num_seqs, stride_qt,
+             stride_qh, stride_ot, stride_oh, stride_n, stride_s, stride_h, stride_bt, qk_scale,
              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-             D: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
-    # BLOCK_Q = BLOCK_M // G query tokens per tile; rows past BLOCK_Q * G are padding
-    tile, b, kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+             D: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr):
+    # BLOCK_Q = BLOCK_M // G query tokens per tile; rows past BLOCK_Q * G are padding.
+    # Program (pid, kh) takes the pid-th query tile over all prefill rows in order: the grid
+    # is a bound fixed by the step's shapes (T and B), not by its row lengths, so a padded
+    # step replays from one CUDA graph whatever its rows; programs past the last tile idle.
+    pid, kh = tl.program_id(0), tl.program_id(1)
+    bs = tl.arange(0, BLOCK_B)
+    lo = tl.load(cu_q + bs, mask=bs < num_seqs, other=0)
+    hi_q = tl.load(cu_q + bs + 1, mask=bs < num_seqs, other=0)
+    tiles = tl.where(hi_q - lo > 1, (hi_q - lo + BLOCK_Q - 1) // BLOCK_Q, 0)  # decodes: none
+    ends = tl.cumsum(tiles, 0)
+    b = tl.minimum(tl.sum((ends <= pid).to(tl.int32), 0), num_seqs - 1)
+    tile = pid - tl.sum(tl.where(bs == b, ends - tiles, 0), 0)   # past the end: an empty tile
     q_start = tl.load(cu_q + b)
     q_len = tl.load(cu_q + b + 1) - q_start
     seq_len = tl.load(seq_lens + b)
@@ -193,89 +204,135 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
 
 @attrs.frozen(slots=True)
-class _Plan:
-    has_prefill: bool   # some row has query length > 1 (max_q > 1): launch _prefill
-    num_seqs: int
-    max_seq_len: int
+class Tiles:
+    """Launch configuration; 0 = the default for the shapes at hand (tests and tuning override)."""
+
+    num_splits: int = 0
+    decode_block_n: int = 0
+    prefill_block_m: int = 0
+    prefill_block_n: int = 0
+    decode_warps: int = 4
+    decode_stages: int = 3
 
 
 class TritonBackend:
     """Tile sizes and num_splits may be overridden (tests, tuning); None picks the defaults."""
 
     name = "triton"
-    capturable = True   # forward: no host sync, launch shapes fixed by host ints of the batch
+    capturable = True   # no host sync; launch shapes fixed by the step's tensor shapes
+    compilable = True   # forward is one registered op: torch.compile sees a single node
 
     def __init__(self, num_splits: int | None = None, decode_block_n: int | None = None,
                  prefill_block_m: int | None = None, prefill_block_n: int | None = None,
                  decode_warps: int = 4, decode_stages: int = 3):
         if triton is None:
             raise ImportError(f"the triton package is not installed ({_MISSING})")
-        self.num_splits, self.decode_block_n = num_splits, decode_block_n
-        self.prefill_block_m, self.prefill_block_n = prefill_block_m, prefill_block_n
-        self.decode_warps, self.decode_stages = decode_warps, decode_stages
-        self.num_sms = 8      # the interpreter's stand-in; a GPU reports its own
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(torch.cuda.current_device())
-            self.num_sms = props.multi_processor_count
+        self.tiles = Tiles(num_splits or 0, decode_block_n or 0, prefill_block_m or 0,
+                           prefill_block_n or 0, decode_warps, decode_stages)
+        self._tile_args = list(attrs.astuple(self.tiles))   # plain ints, for the op
+
+    @staticmethod
+    def check(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """The InvalidConfig a model or block size the kernels cannot serve would otherwise
+        meet as an assertion on the first step."""
+        from functional_llm.errors import InvalidConfig
+        if block_size & (block_size - 1):
+            raise InvalidConfig("block_size", block_size, "the triton backend needs a power of two")
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise InvalidConfig("head_dim", head_dim, "the triton backend needs a power of two "
+                                ">= 16 (attention_backend='reference' serves any)")
+        if num_heads % num_kv_heads or num_heads // num_kv_heads > 16:
+            raise InvalidConfig("num_attention_heads", num_heads, f"the triton backend needs "
+                                f"1-16 query heads per kv head ({num_kv_heads} kv heads)")
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:
-        """Host ints only (no device reads, so it may run inside a graph capture)."""
-        return attrs.evolve(batch, extra=_Plan(batch.max_q > 1, batch.seq_lens.shape[0],
-                                                batch.max_seq_len))
+        return batch     # everything is derived on the device, inside the op
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
-                scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, K, D], k_cache/v_cache [N, S, K, D] -> out [T, H, D].
-        Writes k/v into the caches at batch.slot_mapping, then attends causally."""
-        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        return self.attend(q, k_cache, v_cache, batch, scale)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+                layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, K, D], kv [L, 2, N, S, K, D] -> out [T, H, D]. Writes k/v into
+        kv[layer] at batch.slot_mapping (negative = skip), then attends causally."""
+        return torch.ops.functional_llm.triton_attention(
+            q, k, v, kv, layer, batch.slot_mapping, batch.cu_q, batch.seq_lens,
+            batch.block_tables, batch.max_seq_len, scale, self._tile_args)
 
-    def attend(self, q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
-        """Attention only (the caches already hold this step's K/V): out [T, H, D]."""
-        plan: _Plan = batch.extra
-        T, H, D = q.shape
-        N, S, K, _ = k_cache.shape
-        G = H // K
-        assert H == K * G and 1 <= G <= 16, (H, K)
-        assert D >= 16 and D & (D - 1) == 0, f"head_dim {D} must be a power of two >= 16"
-        assert S & (S - 1) == 0, f"block size {S} must be a power of two"
-        assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
-        q = q if q.stride(2) == 1 else q.contiguous()
-        out = q.new_empty(T, H, D)
-        B = plan.num_seqs
-        # fp32 inputs: exact fp32 products (the GPU default is TF32); 16-bit: the default
-        prec = "ieee" if q.dtype == torch.float32 else None
-        qk_scale = scale * math.log2(math.e)
-        common = (batch.cu_q, batch.seq_lens, batch.block_tables, q.stride(0), q.stride(1),
-                  out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-                  k_cache.stride(2), batch.block_tables.stride(0), qk_scale)
-        wide = q.element_size() <= 2      # 16-bit inputs: twice the keys per tile
-        splits = self.num_splits or choose_num_splits(B, K, plan.max_seq_len, self.num_sms)
-        block_n = self.decode_block_n or min(128, (8192 if wide else 4096) // D)
-        assert block_n >= 16, "tl.dot needs tiles of 16 or more"
-        if splits == 1:
-            part_out = part_lse = out     # unused
-        else:
-            part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
-            part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
-        _decode[(B, K, splits)](q, k_cache, v_cache, out, part_out, part_lse, *common, splits, H,
-                                G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=S,
-                                BLOCK_N=block_n, SPLIT=splits > 1, PREC=prec,
-                                num_warps=self.decode_warps, num_stages=self.decode_stages)
-        if splits > 1:
-            _combine[(B, H)](out, part_out, part_lse, batch.cu_q, out.stride(0), out.stride(1),
-                             splits, H, BLOCK_SPLITS=triton.next_power_of_2(splits), D=D,
-                             num_warps=4)
-        if plan.has_prefill:
-            block_m = self.prefill_block_m or (128 if wide and G >= 4 else 64)
-            block_n = self.prefill_block_n or (64 if wide else 32)
-            assert block_m >= 16 and block_n >= 16, "tl.dot needs tiles of 16 or more"
-            tiles = -(-batch.max_q // (block_m // G))
-            _prefill[(tiles, B, K)](q, k_cache, v_cache, out, *common, G=G, BLOCK_M=block_m,
-                                    BLOCK_Q=block_m // G, BLOCK_N=block_n, D=D, PAGE=S, PREC=prec,
-                                    num_warps=8 if block_m >= 128 else 4, num_stages=2)
-        return out
+
+@torch.library.custom_op("functional_llm::triton_attention", mutates_args=("kv",))
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+                  layer: int, slot_mapping: torch.Tensor, cu_q: torch.Tensor,
+                  seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int,
+                  scale: float, tiles: list[int]) -> torch.Tensor:
+    """The KV write and attention of one layer as one operator: torch.compile keeps it a
+    single node and writes kv in place (the pool is the one mutated input)."""
+    k_cache, v_cache = kv[layer, 0], kv[layer, 1]
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return attend(q, k_cache, v_cache, cu_q, seq_lens, block_tables, max_seq_len, scale,
+                  Tiles(*tiles))
+
+
+@_attention_op.register_fake
+def _(q, k, v, kv, layer, slot_mapping, cu_q, seq_lens, block_tables, max_seq_len, scale, tiles):
+    return q.new_empty(q.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8          # the interpreter's stand-in
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: torch.Tensor,
+           seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int, scale: float,
+           tiles: Tiles = Tiles()) -> torch.Tensor:
+    """Attention only (the caches already hold this step's K/V): q [T, H, D] -> out [T, H, D].
+    Launch shapes depend on T, B and max_seq_len only: rows of query length 1 take _decode,
+    longer ones _prefill, and rows of length 0 (padding) neither."""
+    T, H, D = q.shape
+    N, S, K, _ = k_cache.shape
+    B = seq_lens.shape[0]
+    G = H // K
+    assert H == K * G and 1 <= G <= 16, (H, K)
+    assert D >= 16 and D & (D - 1) == 0, f"head_dim {D} must be a power of two >= 16"
+    assert S & (S - 1) == 0, f"block size {S} must be a power of two"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    q = q if q.stride(2) == 1 else q.contiguous()
+    out = q.new_empty(T, H, D)
+    # fp32 inputs: exact fp32 products (the GPU default is TF32); 16-bit: the default
+    prec = "ieee" if q.dtype == torch.float32 else None
+    qk_scale = scale * math.log2(math.e)
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
+               k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), qk_scale)
+    wide = q.element_size() <= 2      # 16-bit inputs: twice the keys per tile
+    splits = tiles.num_splits or choose_num_splits(B, K, max_seq_len, _num_sms(q.device))
+    block_n = tiles.decode_block_n or min(128, (8192 if wide else 4096) // D)
+    assert block_n >= 16, "tl.dot needs tiles of 16 or more"
+    if splits == 1:
+        part_out = part_lse = out     # unused
+    else:
+        part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    _decode[(B, K, splits)](q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens,
+                            block_tables, *strides, splits, H, G=G,
+                            BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=S,
+                            BLOCK_N=block_n, SPLIT=splits > 1, PREC=prec,
+                            num_warps=tiles.decode_warps, num_stages=tiles.decode_stages)
+    if splits > 1:
+        _combine[(B, H)](out, part_out, part_lse, cu_q, out.stride(0), out.stride(1),
+                         splits, H, BLOCK_SPLITS=triton.next_power_of_2(splits), D=D,
+                         num_warps=4)
+    if T > B:   # some row has more than one query token (padded steps always launch)
+        block_m = tiles.prefill_block_m or (128 if wide and G >= 4 else 64)
+        block_n = tiles.prefill_block_n or (64 if wide else 32)
+        assert block_m >= 16 and block_n >= 16, "tl.dot needs tiles of 16 or more"
+        block_q = block_m // G
+        # each row with q tokens has ceil(q / block_q) <= q / block_q + 1 tiles
+        bound = -(-T // block_q) + min(B, T)
+        _prefill[(bound, K)](q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, B,
+                             *strides, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+                             D=D, PAGE=S, PREC=prec, BLOCK_B=triton.next_power_of_2(B),
+                             num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    return out
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -11,12 +11,10 @@ L layers, N blocks, S block size.
 """
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-import attrs
 import torch
-import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from functional_llm.kernels.base import AttentionBackend, AttnBatch
@@ -74,31 +72,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@attrs.frozen
-class Ops:
-    """The elementwise pieces of a layer, between the matmuls, attention and collectives.
-    Eager by default; `compiled_ops()` gives torch.compile'd copies (each piece one fused
-    kernel instead of 5-10: on a GPU a decode step is otherwise launch-bound)."""
-
-    norm: Callable = rms_norm
-    add_norm: Callable = add_rms_norm
-    qk_rope: Callable = qk_norm_rope
-    silu_mul: Callable = silu_mul
-
-
-EAGER = Ops()
-
-
-def compiled_ops() -> Ops:
-    c = functools.partial(torch.compile, dynamic=True)
-    return Ops(c(rms_norm), c(add_rms_norm), c(qk_norm_rope), c(silu_mul))
-
-
 def all_reduce(x: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
-    """Sum x over the ranks of `mesh`, in place (x is a fresh activation no one else holds);
-    returns x. No-op with no mesh or one rank."""
+    """x summed over the ranks of `mesh` (a new tensor); x itself with no mesh or one rank.
+    A functional collective: torch.compile traces it into the step's graph."""
     if mesh is not None and mesh.world > 1:
-        dist.all_reduce(x, group=mesh.group)
+        return funcol.all_reduce(x, "sum", mesh.group)
     return x
 
 
@@ -120,7 +98,7 @@ def embed(params: dict, cfg: ModelConfig, input_ids: torch.Tensor,
 
 def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
               cos: torch.Tensor, sin: torch.Tensor, batch: AttnBatch, kv: torch.Tensor,
-              backend: AttentionBackend, mesh: Mesh | None = None, ops: Ops = EAGER) -> torch.Tensor:
+              backend: AttentionBackend, mesh: Mesh | None = None) -> torch.Tensor:
     """x [T, E] (already normed) -> [T, E]. Writes this step's K/V into kv[layer]. H and K
     are the rank's heads (cfg_for_rank); o_proj then yields a partial sum over them."""
     p = f"model.layers.{layer}.self_attn."
@@ -129,17 +107,16 @@ def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
     qkv = F.linear(x, params[p + "qkv_proj.weight"], params.get(p + "qkv_proj.bias"))
     q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
     q, k, v = q.view(T, H, D), k.view(T, K, D), v.view(T, K, D)
-    q, k = ops.qk_rope(q, k, params.get(p + "q_norm.weight"), params.get(p + "k_norm.weight"),
+    q, k = qk_norm_rope(q, k, params.get(p + "q_norm.weight"), params.get(p + "k_norm.weight"),
                        cos, sin, cfg.rms_norm_eps)   # Qwen3 norms q and k per head first
-    out = backend.forward(q, k, v, kv[layer, 0], kv[layer, 1], batch, D ** -0.5)  # [T, H, D]
+    out = backend.forward(q, k, v, kv, layer, batch, D ** -0.5)              # [T, H, D]
     return all_reduce(F.linear(out.reshape(T, H * D), params[p + "o_proj.weight"]), mesh)
 
 
-def mlp(params: dict, layer: int, x: torch.Tensor, mesh: Mesh | None = None,
-        ops: Ops = EAGER) -> torch.Tensor:
+def mlp(params: dict, layer: int, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
     """x [T, E] -> [T, E]: down(silu(gate(x)) * up(x)), summed over the ranks' ffw slices."""
     p = f"model.layers.{layer}.mlp."
-    hidden = ops.silu_mul(F.linear(x, params[p + "gate_up_proj.weight"]))
+    hidden = silu_mul(F.linear(x, params[p + "gate_up_proj.weight"]))
     return all_reduce(F.linear(hidden, params[p + "down_proj.weight"]), mesh)
 
 
@@ -161,24 +138,26 @@ def fuse_params(params: dict, cfg: ModelConfig) -> dict:
 
 def forward(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor,
             batch: AttnBatch, kv: torch.Tensor, backend: AttentionBackend,
-            mesh: Mesh | None = None, ops: Ops = EAGER) -> torch.Tensor:
+            mesh: Mesh | None = None) -> torch.Tensor:
     """params: fuse_params(load_params(...)). input_ids [T] int64, positions [T] int64
     (absolute), batch prepared by `backend`,
     kv [L, 2, N, S, K, D] -> final-normed hidden [T, E]. Mutates only kv (new tokens' K/V).
     Tensor parallel: params of this rank (fuse_params(load_params_sharded(...))), cfg =
     cfg_for_rank(...) (K is then the rank's kv heads), and its mesh; every rank runs the same
-    step and gets the same hidden. ops: eager or compiled elementwise pieces (same math)."""
+    step and gets the same hidden. Traceable whole by torch.compile(fullgraph=True) when the
+    backend is `compilable` (its attention is one registered op): the compiled step fuses
+    the norms, rope, residual adds and activation with their neighbours."""
     x = embed(params, cfg, input_ids, mesh)                                  # [T, E]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     eps, L = cfg.rms_norm_eps, "model.layers.{}."
-    h = ops.norm(x, params[L.format(0) + "input_layernorm.weight"], eps)
+    h = rms_norm(x, params[L.format(0) + "input_layernorm.weight"], eps)
     for i in range(cfg.num_layers):
-        delta = attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh, ops)
-        x, h = ops.add_norm(x, delta, params[L.format(i) + "post_attention_layernorm.weight"], eps)
-        delta = mlp(params, i, h, mesh, ops)
+        delta = attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh)
+        x, h = add_rms_norm(x, delta, params[L.format(i) + "post_attention_layernorm.weight"], eps)
+        delta = mlp(params, i, h, mesh)
         nxt = (L.format(i + 1) + "input_layernorm.weight" if i + 1 < cfg.num_layers
                else "model.norm.weight")
-        x, h = ops.add_norm(x, delta, params[nxt], eps)
+        x, h = add_rms_norm(x, delta, params[nxt], eps)
     return h
 
 
@@ -191,7 +170,9 @@ def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor,
     logits = F.linear(hidden, params[name])
     if logits.shape[-1] != cfg.vocab_size:
         assert mesh is not None, "vocab-parallel params need their mesh"
-        parts = [torch.empty_like(logits) for _ in range(mesh.world)]
-        dist.all_gather(parts, logits, group=mesh.group)
-        logits = torch.cat(parts, dim=-1)
+        # gathered along dim 0 ([world * B, V/world]) and laid out by hand: gathering along
+        # dim 1 goes through a helper torch.compile refuses to trace (torch 2.11)
+        B = logits.shape[0]
+        parts = funcol.all_gather_tensor(logits, 0, mesh.group)
+        logits = parts.view(mesh.world, B, -1).permute(1, 0, 2).reshape(B, -1)   # [B, V]
     return logits.float()

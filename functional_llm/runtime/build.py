@@ -15,11 +15,10 @@ from functional_llm.core.records import SchedConfig
 from functional_llm.errors import InvalidConfig
 from functional_llm.kernels import get_backend
 from functional_llm.model.config import load_config
-from functional_llm.model.llama import compiled_ops, fuse_params
+from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
 from functional_llm.model.sharding import cfg_for_rank, load_params_sharded
 from functional_llm.runtime.engine import DeviceModel, Runner
-from functional_llm.runtime.sampling import gumbel_argmax
 
 CPU_KV_BYTES = 2 << 30           # default KV pool budget on CPU
 GPU_KV_FRACTION = 0.85           # of the memory free after loading weights
@@ -72,8 +71,11 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
             budget = CPU_KV_BYTES
         num_blocks = max(1, int(budget // per_block))
     num_blocks = agree(num_blocks)
-    # CUDA graphs (decode) and a compiled sampler on GPUs, unless enforce_eager
-    graphs = device.type == "cuda" and not spec.enforce_eager and getattr(backend, "capturable", False)
+    # on GPUs, unless enforce_eager: the whole step compiled (backends whose attention is a
+    # registered op) and every step replayed from CUDA graphs captured here
+    fast = device.type == "cuda" and not spec.enforce_eager
+    graphs = fast and getattr(backend, "capturable", False)
+    compiled = fast and getattr(backend, "compilable", False)
     kv = torch.zeros(rank_cfg.num_layers, 2, num_blocks + graphs, spec.block_size,
                      rank_cfg.num_kv_heads, rank_cfg.head_dim, dtype=dtype,
                      device=device)   # zeroed: see kernels/flash.py
@@ -82,10 +84,13 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
                         max_num_batched_tokens=spec.max_num_batched_tokens,
                         max_model_len=spec.max_model_len)
     model_fns = DeviceModel(params, rank_cfg, backend, mesh=mesh)
-    if device.type == "cuda" and not spec.enforce_eager:
-        model_fns = attrs.evolve(model_fns, argmax_fn=torch.compile(gumbel_argmax, dynamic=True),
-                                 ops=compiled_ops())
-    return Runner(model_fns, kv, sched, device, cuda_graphs=graphs), sched
+    return Runner(model_fns, kv, sched, device, cuda_graphs=graphs, compiled=compiled), sched
+
+
+def check_backend(backend, cfg, block_size: int) -> None:
+    """The InvalidConfig a block size or head shape the attention backend cannot serve would
+    meet on the first step, raised before anything is built."""
+    backend.check(block_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
 
 def check_split(cfg, world: int, device: torch.device) -> None:

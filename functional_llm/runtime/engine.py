@@ -6,6 +6,9 @@ transition returned. The KV pool is the one in-place object (a donated buffer).
 """
 from __future__ import annotations
 
+import functools
+import types
+
 import attrs
 import numpy as np
 import torch
@@ -15,10 +18,10 @@ from functional_llm.core import scheduler as S
 from functional_llm.core import trace as T
 from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, new_state
 from functional_llm.errors import EngineStalled
-from functional_llm.runtime.graphs import DecodeGraphs
-from functional_llm.runtime.sampling import gumbel_argmax, sample
+from functional_llm.runtime.graphs import StepGraphs
+from functional_llm.runtime.sampling import sample
 from functional_llm.runtime.staging import HostInputs, StepInputs, stage_host, to_device
-from functional_llm.model.llama import EAGER, Ops, compute_logits, forward
+from functional_llm.model.llama import compute_logits, forward
 
 
 @attrs.frozen(slots=True)
@@ -29,19 +32,34 @@ class DeviceModel:
     params: dict
     cfg: object
     backend: object
-    argmax_fn: object = gumbel_argmax    # a torch.compile'd copy on GPUs
     mesh: object = None
-    ops: Ops = EAGER                     # compiled_ops() on GPUs
 
 
 def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """Model forward + sampling for one step. Writes the new tokens' K/V into kv; returns the
-    sampled token ids [Bs] (still on the device: the caller decides when to sync)."""
-    attn = model.backend.prepare(inputs.attn)
-    hidden = forward(model.params, model.cfg, inputs.input_ids, inputs.positions, attn, kv,
-                     model.backend, model.mesh, model.ops)
-    logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows.long()], model.mesh)
-    return sample(logits, inputs.sampling, model.argmax_fn)
+    """Model forward + sampling for one step; inputs.attn already went through the backend's
+    `prepare` (host work, outside any compiled region). Writes the new tokens' K/V into kv;
+    returns the sampled token ids [Bs] (still on the device: the caller decides when to
+    sync)."""
+    hidden = forward(model.params, model.cfg, inputs.input_ids, inputs.positions, inputs.attn,
+                     kv, model.backend, model.mesh)
+    logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows], model.mesh)
+    return sample(logits, inputs.sampling)
+
+
+def compile_step(model: DeviceModel, backend: str = "inductor"):
+    """device_step as one torch.compile'd function (fullgraph: any graph break is an error):
+    Inductor fuses norms, rope, residual adds, activation, casts and the sampler's passes
+    with their neighbours; attention (+ KV write) stays one registered op per layer and the
+    collectives are functional. Shapes of tokens and rows are dynamic (the graphs mark them),
+    so one compile per sampler mode serves every bucket. Each call compiles a fresh copy of
+    device_step's code object: Dynamo keeps compiled entries (and counts recompiles) per code
+    object, so each LLM's compiled step lives and dies with it, and a process that makes
+    many LLMs never reaches the recompile limit."""
+    def step(kv: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        return device_step(model, kv, inputs)
+    fresh = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None,
+                               step.__closure__)
+    return torch.compile(fresh, fullgraph=True, backend=backend)
 
 
 @attrs.frozen(slots=True)
@@ -56,23 +74,29 @@ class Feed:
 
 class Runner:
     """The device half of a step: host inputs in, sampled tokens (on the device) out. Owns the
-    weights, the KV pool and the decode graphs. Rank 0 and every tensor-parallel worker run
+    weights, the KV pool and the step graphs. Rank 0 and every tensor-parallel worker run
     the same Runner on the same host inputs."""
 
     def __init__(self, model: DeviceModel, kv: torch.Tensor, sched: SchedConfig, device,
-                 cuda_graphs: bool = False):
-        """cuda_graphs: replay decode steps from CUDA graphs; kv then holds one extra block
-        past the pool (index sched.num_blocks) that padded graph rows write into."""
+                 cuda_graphs: bool = False, compiled: bool = False):
+        """compiled: the step is compile_step(model). cuda_graphs: every step is replayed from
+        a graph captured here, at start-up (runtime/graphs.py); kv then holds one extra block
+        past the pool (index sched.num_blocks) that padding writes into."""
         self.model, self.kv, self.device = model, kv, device
+        self.step_fn = compile_step(model) if compiled else functools.partial(device_step, model)
         self.graphs = None
+        self.startup_seconds = 0.0
         if cuda_graphs:
             assert kv.shape[2] == sched.num_blocks + 1, "graphs need the scratch block"
-            self.graphs = DecodeGraphs(self._graph_step, sched.max_num_seqs,
-                                       -(-sched.max_model_len // sched.block_size), sched.num_blocks,
-                                       sched.block_size, sched.max_model_len, device)
+            self.graphs = StepGraphs(self._graph_step, sched.max_num_seqs,
+                                     sched.max_num_batched_tokens,
+                                     -(-sched.max_model_len // sched.block_size), sched.num_blocks,
+                                     sched.block_size, sched.max_model_len, device,
+                                     mark_dynamic=compiled)
+            self.graphs.capture_all()
 
     def release_graphs(self) -> None:
-        """Free the decode graphs (later steps run eagerly): before a process group whose
+        """Free the step graphs (later steps run eagerly): before a process group whose
         collectives they captured is destroyed."""
         if self.graphs is not None:
             self.graphs.release()
@@ -80,18 +104,21 @@ class Runner:
 
     def _graph_step(self, inputs: StepInputs) -> torch.Tensor:
         with torch.inference_mode():
-            return device_step(self.model, self.kv, inputs)
+            return self.step_fn(self.kv, self._prepared(inputs))
+
+    def _prepared(self, inputs: StepInputs) -> StepInputs:
+        return attrs.evolve(inputs, attn=self.model.backend.prepare(inputs.attn))
 
     def launch(self, host: HostInputs, feed: Feed | None = None) -> torch.Tensor:
         """Queue the step on the device; returns its tokens [Bs] without waiting for them."""
-        if self.graphs is not None and self.graphs.fits(host):
+        if self.graphs is not None:
             return self.graphs.run(host, feed)
         with torch.inference_mode():
             inputs = to_device(host, self.device)
             if feed is not None and len(feed.dst):
                 inputs.input_ids.index_copy_(0, _dev(feed.dst, self.device),
                                              feed.src[_dev(feed.index, self.device)])
-            return device_step(self.model, self.kv, inputs)
+            return self.step_fn(self.kv, self._prepared(inputs))
 
 
 def _dev(a: np.ndarray, device) -> torch.Tensor:

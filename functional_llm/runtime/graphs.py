@@ -1,35 +1,59 @@
-"""Decode steps replayed from CUDA graphs: one graph per (batch-size bucket, sampler mode).
+"""Every step replayed from a CUDA graph: one graph per (bucket, sampler mode), all captured
+at start-up.
 
-A decode step launches hundreds of small kernels; replaying a captured graph costs one launch.
-Graphs read fixed addresses, so every input lives in a static device buffer sized for the
-largest bucket; a step of B rows fills the first B rows and pads the rest of its bucket with
-harmless rows (position 0, one key, K/V written to a scratch block outside the pool, greedy
-sampling). All inputs sit in one byte buffer: the host fills a pinned copy (two, used in
-turn, so filling step k+1 never races the copy of step k) and one asynchronous copy moves it.
-Captured lazily on first use of a (bucket, mode): the capture's warm-up runs on the step's real
-inputs, so the K/V they write are exactly the values the replay writes.
+A step launches hundreds of kernels; replaying a captured graph costs one launch. Graphs read
+fixed addresses, so every input lives in a static device buffer sized for the largest
+bucket, and a step is padded up to its bucket:
+* decode buckets (every row one token, every row sampled): b rows of one token. Pad rows are
+  harmless decodes (position 0, one key, K/V written to a scratch block outside the pool).
+* mixed buckets (anything else, prefill chunks included): T tokens and B = min(max_seqs, T - 1)
+  rows, so T > B always (the attention op launches its prefill kernel exactly when T > B).
+  Pad tokens belong to no row and write the scratch block; pad rows hold no tokens.
+Sampled rows are padded to the bucket's rows with greedy rows. A step of T tokens and B rows
+takes the smallest decode bucket >= B if it is a decode, else the smallest mixed bucket
+with T_b >= max(T, B + 1): every step the scheduler can make fits one.
+All inputs sit in one byte buffer: the host fills a pinned copy (two, used in turn, so filling
+step k+1 never races the copy of step k) and one asynchronous copy moves it.
+Sampler modes: `unfiltered` (temperature / greedy rows, no sort) and filtered (top-k/p, min-p:
+a vocabulary sort); greedy-only steps take the unfiltered graph, whose greedy rows are exact.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 
 from functional_llm.kernels.base import AttnBatch
-from functional_llm.runtime.sampling import SamplingTensors
+from functional_llm.runtime.sampling import SamplingTensors, sampling_rows
 from functional_llm.runtime.staging import HostInputs, StepInputs
 
-
-def buckets(max_seqs: int) -> list[int]:
-    small = [1, 2, 4, 8, 16, 24, 32]
-    return sorted({b for b in small if b < max_seqs} | set(range(48, max_seqs, 16)) | {max_seqs})
+MODES = (True, False)     # unfiltered, filtered
 
 
-def _layout(n: int, max_blocks: int) -> dict:
+def decode_buckets(max_seqs: int) -> list[int]:
+    """Row counts. No bucket of 1: a size-1 dimension would be specialised by the compiler
+    (a second compile); batch 1 runs padded to 2."""
+    small = [2, 4, 8, 16, 24, 32]
+    return sorted({b for b in small if b < max_seqs} | set(range(48, max_seqs, 16))
+                  | {max(2, max_seqs)})
+
+
+def mixed_buckets(max_tokens: int, max_seqs: int) -> list[int]:
+    """Token counts: powers of two to 512, then steps of 512; the top one holds any step."""
+    top = max_tokens + 1 if max_seqs >= max_tokens else max_tokens
+    sizes = {16 << i for i in range(6)} | set(range(1024, top, 512))
+    return sorted({t for t in sizes if t < top} | {max(16, top)})
+
+
+def _layout(num_tokens: int, num_rows: int, max_blocks: int) -> tuple[dict, int]:
     """name -> (dtype, shape, byte offset) of the static inputs in one 8-byte aligned buffer."""
-    fields = {"ids": (np.int64, (n,)), "positions": (np.int64, (n,)), "slots": (np.int64, (n,)),
-              "ints": (np.int64, (3, n)), "feed_dst": (np.int64, (n,)), "feed_src": (np.int64, (n,)),
-              "floats": (np.float32, (3, n)), "seq_lens": (np.int32, (n,)),
-              "tables": (np.int32, (n, max_blocks))}
+    fields = {"ids": (np.int64, (num_tokens,)), "positions": (np.int64, (num_tokens,)),
+              "slots": (np.int64, (num_tokens,)), "sample_rows": (np.int64, (num_rows,)),
+              "ints": (np.int64, (3, num_rows)), "feed_dst": (np.int64, (num_rows,)),
+              "feed_src": (np.int64, (num_rows,)), "floats": (np.float32, (3, num_rows)),
+              "cu_q": (np.int32, (num_rows + 1,)), "seq_lens": (np.int32, (num_rows,)),
+              "tables": (np.int32, (num_rows, max_blocks))}
     out, off = {}, 0
     for name, (dt, shape) in fields.items():
         out[name] = (dt, shape, off)
@@ -44,28 +68,35 @@ def _views(buf: torch.Tensor, layout) -> dict:
             for k, (d, s, o) in layout.items()}
 
 
-class DecodeGraphs:
-    def __init__(self, step_fn, max_seqs: int, max_blocks: int, scratch_block: int,
-                 block_size: int, max_seq_len: int, device):
-        self.step_fn, self.device = step_fn, device
-        self.buckets = buckets(max_seqs)
+class StepGraphs:
+    def __init__(self, step_fn, max_seqs: int, max_tokens: int, max_blocks: int,
+                 scratch_block: int, block_size: int, max_seq_len: int, device,
+                 mark_dynamic: bool = False):
+        """mark_dynamic: step_fn is compiled: mark the token and row dimensions of its inputs
+        dynamic, so one compile per sampler mode serves every bucket."""
+        self.step_fn, self.device, self.mark_dynamic = step_fn, device, mark_dynamic
+        self.decode = decode_buckets(max_seqs)
+        self.mixed = mixed_buckets(max_tokens, max_seqs)
+        self.row_cap = max_seqs
         self.scratch_block, self.max_seq_len = scratch_block, max_seq_len
         self.scratch_slot = scratch_block * block_size
-        self.layout, nbytes = _layout(max_seqs, max_blocks)
+        tokens = max(self.mixed[-1], self.decode[-1])
+        self.layout, nbytes = _layout(tokens, self.decode[-1], max_blocks)
         self.buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self.dev = _views(self.buf, self.layout)
-        self.pinned = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        pin = torch.device(device).type == "cuda"     # (CPU: the padding is tested without graphs)
+        self.pinned = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.host = [{k: v.numpy() for k, v in _views(p, self.layout).items()} for p in self.pinned]
-        for h in self.host:   # rows past a step's B are pad rows until overwritten
-            self._pad(h, 0, max_seqs)
+        for h in self.host:
             h["feed_dst"][:] = 0
             h["feed_src"][:] = 0
-        self.buf.copy_(self.pinned[0])
         self.turn = 0
-        self.sample_rows = torch.arange(max_seqs, dtype=torch.int64, device=device)
-        self.cu_q = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)
         self.graphs: dict = {}
         self.mempool = None
+        self.capture_seconds = self.compile_seconds = 0.0     # start-up, compiles included
+
+    def mixed_rows(self, tokens: int) -> int:
+        return min(self.row_cap, tokens - 1)
 
     def release(self) -> None:
         """Free every captured graph. A graph that captured NCCL collectives must be freed before
@@ -74,43 +105,74 @@ class DecodeGraphs:
             graph.reset()
         self.graphs = {}
 
-    def fits(self, h: HostInputs) -> bool:
-        return h.is_decode and len(h.seq_lens) <= self.buckets[-1]
+    def bucket(self, h: HostInputs) -> tuple[bool, int]:
+        """(is_decode, size) of the bucket a step takes."""
+        B = len(h.seq_lens)
+        if h.is_decode:
+            return True, next(x for x in self.decode if x >= B)
+        need = max(len(h.ids), B + 1)
+        return False, next(x for x in self.mixed if x >= need)
 
-    def _pad(self, h: dict, lo: int, hi: int) -> None:
-        h["ids"][lo:hi] = 0
-        h["positions"][lo:hi] = 0
-        h["slots"][lo:hi] = self.scratch_slot
-        h["seq_lens"][lo:hi] = 1
-        h["tables"][lo:hi] = self.scratch_block
-        h["floats"][:, lo:hi] = 0.0
-        h["floats"][1, lo:hi] = 1.0                 # pad rows: greedy, top_p 1
-        h["ints"][:, lo:hi] = 0
+    def _fill(self, host: dict, h: HostInputs | None, decode: bool, size: int) -> None:
+        """Write h's rows into a pinned buffer and pad them to the bucket (h None: all pad)."""
+        T = 0 if h is None else len(h.ids)
+        B = 0 if h is None else len(h.seq_lens)
+        Bs = 0 if h is None else len(h.sample_rows)
+        rows = size if decode else self.mixed_rows(size)
+        if h is not None:
+            M = h.tables.shape[1]
+            host["ids"][:T] = h.ids
+            host["positions"][:T] = h.positions
+            host["slots"][:T] = h.slots
+            host["cu_q"][:B + 1] = h.cu_q
+            host["seq_lens"][:B] = h.seq_lens
+            host["tables"][:B, :M] = h.tables
+            host["sample_rows"][:Bs] = h.sample_rows
+            host["floats"][:, :Bs] = h.floats
+            host["ints"][:, :Bs] = h.ints
+        host["ids"][T:size] = 0
+        host["positions"][T:size] = 0
+        host["slots"][T:size] = self.scratch_slot
+        # decode pad rows hold one pad token each; mixed pad rows hold none
+        host["cu_q"][B + 1:rows + 1] = np.arange(B + 1, rows + 1) if decode else T
+        host["seq_lens"][B:rows] = 1
+        host["tables"][B:rows] = self.scratch_block
+        host["sample_rows"][Bs:rows] = np.arange(Bs, rows) if decode else 0
+        host["floats"][:, Bs:rows] = 0.0
+        host["floats"][1, Bs:rows] = 1.0                 # pad rows: greedy, top_p 1
+        host["ints"][:, Bs:rows] = 0
 
-    def _inputs(self, b: int, greedy_only: bool, unfiltered: bool) -> StepInputs:
-        d = self.dev
-        attn = AttnBatch(slot_mapping=d["slots"][:b], cu_q=self.cu_q[:b + 1], seq_lens=d["seq_lens"][:b],
-                         block_tables=d["tables"][:b], max_q=1, max_seq_len=self.max_seq_len)
-        sampling = SamplingTensors(d["floats"][0, :b], d["ints"][0, :b], d["floats"][1, :b],
-                                   d["floats"][2, :b], d["ints"][1, :b], d["ints"][2, :b],
-                                   greedy_only, unfiltered)
-        return StepInputs(d["ids"][:b], d["positions"][:b], attn, self.sample_rows[:b], sampling)
+    def inputs(self, decode: bool, size: int, unfiltered: bool) -> StepInputs:
+        """The static buffers as the StepInputs of bucket (decode, size) in a sampler mode."""
+        d, rows = self.dev, (size if decode else self.mixed_rows(size))
+        attn = AttnBatch(slot_mapping=d["slots"][:size], cu_q=d["cu_q"][:rows + 1],
+                         seq_lens=d["seq_lens"][:rows], block_tables=d["tables"][:rows],
+                         max_q=1 if decode else size, max_seq_len=self.max_seq_len)
+        sampling = SamplingTensors(d["floats"][0, :rows], d["ints"][0, :rows], d["floats"][1, :rows],
+                                   d["floats"][2, :rows], d["ints"][1, :rows], d["ints"][2, :rows],
+                                   False, unfiltered)
+        inputs = StepInputs(d["ids"][:size], d["positions"][:size], attn, d["sample_rows"][:rows],
+                            sampling)
+        if self.mark_dynamic:
+            for t in (inputs.input_ids, inputs.positions, attn.slot_mapping, attn.cu_q,
+                      attn.seq_lens, attn.block_tables, inputs.sample_rows, *sampling_rows(sampling)):
+                torch._dynamo.mark_dynamic(t, 0)
+        return inputs
 
     def run(self, h: HostInputs, feed=None) -> torch.Tensor:
-        """Stage h (and the feed of ids from the previous step's tokens), replay (capturing
-        first if needed); returns the tokens [B], on the device."""
-        B = len(h.seq_lens)
-        b = next(x for x in self.buckets if x >= B)
+        """Stage h (and the feed of ids from the previous step's tokens), replay; returns the
+        tokens [Bs], on the device."""
+        key = self.stage(h, feed)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out[:len(h.sample_rows)]
+
+    def stage(self, h: HostInputs, feed=None) -> tuple:
+        """Copy h, padded to its bucket, into the static buffers (and apply the feed); returns
+        the key (decode, size, unfiltered) of the graph that reads them."""
+        decode, size = self.bucket(h)
         host, self.turn = self.host[self.turn], 1 - self.turn
-        M = h.tables.shape[1]
-        host["ids"][:B] = h.ids
-        host["positions"][:B] = h.positions
-        host["slots"][:B] = h.slots
-        host["seq_lens"][:B] = h.seq_lens
-        host["tables"][:B, :M] = h.tables
-        host["floats"][:, :B] = h.floats
-        host["ints"][:, :B] = h.ints
-        self._pad(host, B, b)
+        self._fill(host, h, decode, size)
         nf = 0 if feed is None else len(feed.dst)
         if nf:
             host["feed_dst"][:nf] = feed.dst
@@ -119,22 +181,34 @@ class DecodeGraphs:
         if nf:
             d = self.dev
             d["ids"].index_copy_(0, d["feed_dst"][:nf], feed.src[d["feed_src"][:nf]])
-        mode = (bool(np.all(h.floats[0] == 0)),
-                bool(np.all(h.ints[0] == 0) and np.all(h.floats[1] >= 1) and np.all(h.floats[2] <= 0)))
-        key = (b,) + mode
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(b, *mode)
-        graph, out = self.graphs[key]
-        graph.replay()
-        return out[:B]
+        unfiltered = bool(np.all(h.ints[0] == 0) and np.all(h.floats[1] >= 1)
+                          and np.all(h.floats[2] <= 0))
+        return decode, size, unfiltered
 
-    def _capture(self, b, greedy_only, unfiltered):
-        inputs = self._inputs(b, greedy_only, unfiltered)
+    def capture_all(self) -> None:
+        """Compile (first call of each mode) and capture every (bucket, mode), largest first so
+        the shared memory pool is sized once. Inputs are all pad rows: they write only the
+        scratch block."""
+        t0 = time.perf_counter()
+        host = self.host[0]
+        keys = [(False, t) for t in reversed(self.mixed)] + [(True, b) for b in reversed(self.decode)]
+        for unfiltered in MODES:
+            for decode, size in keys:
+                t1 = time.perf_counter()
+                self._fill(host, None, decode, size)
+                self.buf.copy_(self.pinned[0])
+                self.graphs[(decode, size, unfiltered)] = self._capture(
+                    self.inputs(decode, size, unfiltered))
+                if (decode, size) == keys[0]:     # the mode's first call compiles it
+                    self.compile_seconds += time.perf_counter() - t1
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - t0
+
+    def _capture(self, inputs: StepInputs):
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):          # compile / autotune outside the capture
-                self.step_fn(inputs)
+            self.step_fn(inputs)          # compile / autotune outside the capture
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):

@@ -57,6 +57,11 @@ class SamplingTensors:
     unfiltered: bool = False   # host flag: no top-k/top-p/min-p in the batch, so no sort
 
 
+def sampling_rows(st: SamplingTensors) -> tuple:
+    """The per-row tensors of st."""
+    return st.temperature, st.top_k, st.top_p, st.min_p, st.seeds, st.positions
+
+
 def make_sampling_tensors(temperature, top_k, top_p, min_p, seeds, positions,
                           device) -> SamplingTensors:
     """Pack per-row host values (lists or numpy arrays, length B) into SamplingTensors.
@@ -107,13 +112,13 @@ def _check(ok: np.ndarray, name: str, values: np.ndarray, why: str) -> None:
 
 def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """scaled [B, V] -> argmax over the vocab of scaled + Gumbel noise: [B] int64. The hot
-    part of unfiltered sampling; on a GPU the engine passes a torch.compile'd copy (one fused
-    kernel instead of ~25 passes over B x V)."""
+    part of unfiltered sampling; in the compiled step one fused kernel instead of ~25 passes
+    over B x V."""
     columns = torch.arange(scaled.shape[-1], device=scaled.device).expand_as(scaled)
     return (scaled + gumbel_noise(seeds, positions, columns)).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, st: SamplingTensors, argmax_fn=gumbel_argmax) -> torch.Tensor:
+def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """logits [B, V] float32 -> tokens [B] int64 (see the module docstring). Pure.
 
     No profiler range in here: record_function is dropped (with a warning) under
@@ -127,7 +132,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors, argmax_fn=gumbel_argmax) -
     temperature = torch.where(is_greedy, torch.ones_like(st.temperature), st.temperature)
     scaled = logits.float() / temperature[:, None]
     if st.unfiltered:  # the filters would keep everything: Gumbel-max over the vocab, no sort
-        return torch.where(is_greedy, greedy, argmax_fn(scaled, st.seeds, st.positions))
+        return torch.where(is_greedy, greedy, gumbel_argmax(scaled, st.seeds, st.positions))
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
     keep = filter_mask(sorted_logits, st.top_k, st.top_p, st.min_p)
     filtered = sorted_logits.masked_fill(~keep, -math.inf)
