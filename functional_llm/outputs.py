@@ -99,7 +99,9 @@ class Emitted:
 
 
 def start(req: Request, prompt: Optional[str], stream: bool) -> OutputState:
-    """A new request's output state (the shell adds it to the map when it adds the request)."""
+    """A new request's output state (the shell adds it to the map when it adds the request).
+    The offsets start at the first generated token: the text is the decode of the generated
+    tokens alone, the same text generate's one decode at the end gives."""
     return OutputState(request_id=req.rid, prompt=prompt, prompt_token_ids=req.prompt,
                        params=req.params, stream=stream)
 
@@ -140,6 +142,7 @@ def apply(outputs: immutables.Map, deltas: Deltas, decode: Callable[[list], str]
 
 def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int, decode
              ) -> tuple[OutputState, RequestOutput]:
+    """One request's part of apply: its new tokens (and finish, if any) -> (state', output)."""
     tokens, parts, taken = st.token_ids, st.text_parts, len(toks)
     prefix, read, held, tail, delta = st.prefix_offset, st.read_offset, st.held, st.tail, []
     stops = st.params.stop
@@ -148,7 +151,7 @@ def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int
         if finish is not None:                  # the only decode of such a request
             delta.append(decode(list(tokens)))
     else:
-        window = max(map(len, stops)) - 1 if stops else 0
+        window = max(map(len, stops)) - 1 if stops else 0   # all a match can reach back
         for i in range(len(toks) + (finish is not None)):
             final = i == len(toks)              # the pass that flushes what is left at the end
             if not final:
