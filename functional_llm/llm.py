@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
-import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -14,7 +13,6 @@ import attrs
 import immutables
 import torch
 import xxhash
-from tqdm.auto import tqdm
 
 from functional_llm.core.records import Request, SamplingParams
 from functional_llm.errors import InvalidConfig, InvalidModel, InvalidPrompt, InvalidSamplingParams
@@ -22,6 +20,7 @@ from functional_llm.kernels import default_backend, get_backend
 from functional_llm.model.config import load_config
 from functional_llm.outputs import Emitted, RequestOutput, apply
 from functional_llm.outputs import start as start_output
+from functional_llm.progress import Progress
 from functional_llm.runtime.build import (DeviceSpec, build_runner, check_backend, check_split,
                                           resolve_dtype)
 from functional_llm.runtime.engine import Engine
@@ -182,7 +181,7 @@ class LLM:
         """Run the prompts to the end: one final RequestOutput per prompt, in order. Text is
         decoded once per request at its end (per step only for requests with stop strings)."""
         reqs = self._requests(prompts, sampling_params)
-        done, bar = {}, _Progress(reqs, self.engine.counters, use_tqdm)
+        done, bar = {}, Progress(reqs, self.engine.counters, use_tqdm)
         paused = gc.isenabled()
         gc.disable()    # see quiet_collector: one collection of the young records stalls a step
         try:
@@ -307,43 +306,6 @@ class LLM:
                     self._outputs = self._outputs.delete(rid)
                     if self.engine.is_live(rid):  # a step that failed midway may have ended it
                         self.engine.finish(rid)
-
-
-class _Progress:
-    """generate's progress bar: output tokens against the sum of max_tokens (a request that
-    ends early adds what it did not use), with prompts done and prompt / output tok/s since
-    the call started (not the last step's; tqdm's own rate would count those jumps too)."""
-
-    def __init__(self, reqs, counters, enabled: bool):
-        self.max_tokens = {req.rid: req.params.max_tokens for req, _ in reqs}
-        self.start, self.prefilled0 = time.perf_counter(), counters.prefill_tokens
-        self.prefilled = self.made = self.done = 0
-        self.bar = tqdm(total=sum(self.max_tokens.values()), disable=not enabled, desc="Generating",
-                        dynamic_ncols=True,    # the line is cut to the width: it never wraps
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens "
-                                   "[{elapsed}<{remaining}{postfix}]")
-
-    def step(self, deltas, counters) -> None:
-        n = sum(rid in self.max_tokens for rid in deltas.rids)
-        self.made += n
-        self.prefilled = counters.prefill_tokens - self.prefilled0
-        self._show(n)
-
-    def finished(self, out: RequestOutput) -> None:
-        self.done += 1
-        self._show(self.max_tokens[out.request_id] - len(out.token_ids))
-
-    def _show(self, n: int) -> None:
-        if self.bar.disable:
-            return
-        dt = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.done}/{len(self.max_tokens)} prompts, prompt "
-                                 f"{self.prefilled / dt:.0f} tok/s, output {self.made / dt:.0f} tok/s",
-                                 refresh=False)
-        self.bar.update(n)         # redraws at most every 0.1 s, on the same line
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 GC_FIRST_THRESHOLD = 50_000
