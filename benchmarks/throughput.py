@@ -113,6 +113,7 @@ def main():
                    graphs=len(getattr(llm.engine.runner.graphs, "graphs", ())))
     if args.startup_only:   # (a second process sharing TORCHINDUCTOR_CACHE_DIR: the warm figure)
         print(json.dumps(startup), flush=True)
+        print(torch._dynamo.utils.compile_times(), flush=True)   # seconds per compiler phase
         return
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in outs]
     # warm-up (graphs are all captured at start-up; this warms allocators and caches)
