@@ -39,7 +39,7 @@ def main():
         t0 = time.perf_counter()
         st, plan = S.schedule(st, cfg)
         t1 = time.perf_counter()
-        stage_host(st, plan, cfg.block_size)
+        stage_host(st, plan, cfg)
         t2 = time.perf_counter()
         st, _ = C.commit(st, cfg, plan, [rng.randrange(10000) for _ in plan.rids])
         t3 = time.perf_counter()

@@ -27,6 +27,16 @@ def _joined(parts) -> str:
     return "".join(parts)
 
 
+@attrs.frozen(slots=True)
+class Logprob:
+    """One token's log-probability under the model (before temperature and filters), its rank
+    (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int
+    decoded_token: Optional[str] = None
+
+
 @attrs.frozen(slots=True, repr=False)
 class RequestOutput:
     """One request's output after a step. `text` and `token_ids` are cumulative; `delta_text`
@@ -43,6 +53,12 @@ class RequestOutput:
     delta_token_ids: tuple = ()
     _token_ids: Sequence = attrs.field(default=(), eq=tuple)     # init: token_ids=
     _text_parts: Sequence = attrs.field(default=(), eq=_joined)  # init: text_parts=
+    # with SamplingParams(logprobs=k): one {token id: Logprob} per token of token_ids (the
+    # sampled token and the top k), and delta_logprobs per token of delta_token_ids; with
+    # prompt_logprobs=k: the same per prompt token (None for the first). None when not asked.
+    logprobs: Optional[Sequence] = attrs.field(default=None, eq=lambda v: v if v is None else tuple(v))
+    delta_logprobs: Optional[tuple] = None
+    prompt_logprobs: Optional[tuple] = None
 
     @cached_property
     def text(self) -> str:
@@ -80,6 +96,8 @@ class OutputState:
     held: str = ""
     tail: str = ""                   # the last max(len(stop)) - 1 characters decoded
     num_cached: int = 0
+    logprobs: PVector = EMPTY        # one {id: Logprob} per generated token (logprobs=k)
+    prompt_logprobs: PVector = EMPTY   # (None, then one per prompt token: prompt_logprobs=k)
 
     @property
     def detokenize(self) -> bool:
@@ -103,7 +121,8 @@ def start(req: Request, prompt: Optional[str], stream: bool) -> OutputState:
     The offsets start at the first generated token: the text is the decode of the generated
     tokens alone, the same text generate's one decode at the end gives."""
     return OutputState(request_id=req.rid, prompt=prompt, prompt_token_ids=req.prompt,
-                       params=req.params, stream=stream)
+                       params=req.params, stream=stream,
+                       prompt_logprobs=EMPTY if req.params.prompt_logprobs is None else pvector([None]))
 
 
 def apply(outputs: immutables.Map, deltas: Deltas, decode: Callable[[list], str]
@@ -124,9 +143,12 @@ def apply(outputs: immutables.Map, deltas: Deltas, decode: Callable[[list], str]
         new.setdefault(rid, [])
     emitted, stops = [], []
     with outputs.mutate() as live:              # one batch of map updates
+        for rid in deltas.prompt_logprobs.keys() - new.keys():    # a chunk that samples nothing
+            live[rid] = _with_logprobs(live[rid], None, deltas.prompt_logprobs[rid], decode)
         for rid, toks in new.items():
             st = live[rid]
             finish = deltas.finished.get(rid)
+            st = _with_logprobs(st, deltas.logprobs.get(rid), deltas.prompt_logprobs.get(rid, ()), decode)
             st, out = _advance(st, toks, finish, deltas.num_cached.get(rid, st.num_cached), decode)
             if out.finish_reason is not None:
                 del live[rid]
@@ -138,6 +160,18 @@ def apply(outputs: immutables.Map, deltas: Deltas, decode: Callable[[list], str]
                 emitted.append(out)
         outputs = live.finish()
     return outputs, Emitted(outputs=tuple(emitted), stops=tuple(stops))
+
+
+def _with_logprobs(st: OutputState, sampled, prompt: tuple, decode) -> OutputState:
+    """st with this step's logprobs (the engine's TokenLogprobs) appended as {id: Logprob}."""
+    def as_map(e):
+        out = {tid: Logprob(lp, r + 1, decode([tid])) for r, (tid, lp) in enumerate(e.top)}
+        out[e.token] = Logprob(e.logprob, e.rank, decode([e.token]))
+        return out
+    if sampled is None and not prompt:
+        return st
+    return attrs.evolve(st, logprobs=st.logprobs if sampled is None else st.logprobs.append(as_map(sampled)),
+                        prompt_logprobs=st.prompt_logprobs.extend(map(as_map, prompt)))
 
 
 def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int, decode
@@ -172,13 +206,19 @@ def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int
         parts = parts.append(text)
     new = OutputState(request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
                       params=st.params, stream=st.stream, token_ids=tokens, prefix_offset=prefix,
-                      read_offset=read, text_parts=parts, held=held, tail=tail, num_cached=num_cached)
+                      read_offset=read, text_parts=parts, held=held, tail=tail, num_cached=num_cached,
+                      logprobs=st.logprobs if len(st.logprobs) <= len(tokens) else st.logprobs[:len(tokens)],
+                      prompt_logprobs=st.prompt_logprobs)
     first = not st.stream and finish is not None  # a request's only output carries everything
+    wants, lps = st.params.logprobs is not None, new.logprobs
+    extra = dict(logprobs=lps if wants else None,
+                 delta_logprobs=tuple(lps[len(lps) - (len(tokens) if first else taken):]) if wants else None,
+                 prompt_logprobs=tuple(st.prompt_logprobs) if st.params.prompt_logprobs is not None else None)
     out = RequestOutput(request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
                         finish_reason=finish, num_cached_tokens=num_cached,
                         delta_text="".join(parts) if first else text,
                         delta_token_ids=tuple(tokens) if first else tuple(toks[:taken]),
-                        token_ids=tokens, text_parts=parts)
+                        token_ids=tokens, text_parts=parts, **extra)
     return new, out
 
 

@@ -40,7 +40,7 @@ from functional_llm.core.invariants import check_state
 from functional_llm.core.records import Deltas, Request, new_state
 from functional_llm.core.trace import state_digest
 from functional_llm.errors import InvalidPrompt, RequestTooLarge
-from functional_llm.runtime.engine import Engine
+from functional_llm.runtime.engine import Engine, StepOut
 from properties import sim
 from properties.profiles import budget
 from properties.sim import guarded
@@ -154,7 +154,7 @@ class FakeRunner:
     def __init__(self, cfg):
         self.S, self.kv = cfg.block_size, {}      # slot -> the token prefix its KV holds
 
-    def launch(self, host, feed=None) -> torch.Tensor:
+    def launch(self, host, feed=None) -> StepOut:
         ids = host.ids.copy()
         if feed is not None and len(feed.dst):
             ids[feed.dst] = feed.src.numpy()[feed.index]
@@ -167,7 +167,7 @@ class FakeRunner:
             self.kv[int(host.slots[t])] = before + (tok,)
         out = [sim.fake_next(seed, self.kv[int(host.slots[i])])
                for i, seed in zip(host.sample_rows.tolist(), host.ints[1].tolist())]
-        return torch.tensor(out, dtype=torch.int64)
+        return StepOut(torch.tensor(out, dtype=torch.int64))
 
 
 class PipelineMachine(RuleBasedStateMachine):

@@ -52,20 +52,21 @@ def test_every_step_traces_whole_and_pads_exactly(llm, monkeypatch):
 
     def launch(host, feed=None):
         before = runner.kv.clone()
-        tokens = eager_launch(host, feed)
+        out = eager_launch(host, feed)
+        tokens = out.tokens
         kv = before.clone()
         inputs = runner._prepared(_device_inputs(host))
-        assert torch.equal(traced(kv, inputs), tokens)
+        assert torch.equal(traced(kv, inputs)[0], tokens)
         assert torch.equal(kv, runner.kv)
         padded_kv = torch.cat([before, scratch], dim=2)      # + the scratch block pads write
         decode, size, unfiltered = graphs.stage(host)
         kinds.append((decode, unfiltered))
-        out = device_step(runner.model, padded_kv,
-                          runner._prepared(graphs.inputs(decode, size, unfiltered)))
-        assert torch.equal(out[:len(host.sample_rows)], tokens)
+        padded = device_step(runner.model, padded_kv,
+                             runner._prepared(graphs.inputs(decode, size, unfiltered)))
+        assert torch.equal(padded[0][:len(host.sample_rows)], tokens)
         # a GEMM over more rows may sum in another order (batch-variant kernels): the last bits
         torch.testing.assert_close(padded_kv[:, :, :-1], runner.kv, rtol=1e-5, atol=1e-5)
-        return tokens
+        return out
 
     monkeypatch.setattr(runner, "launch", launch)
     rng = np.random.default_rng(0)

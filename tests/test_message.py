@@ -22,7 +22,10 @@ def steps(draw):
                       cu_q=ints(B + 1, np.int32), seq_lens=ints(B, np.int32),
                       tables=ints((B, M), np.int32), sample_rows=ints(Bs, np.int64),
                       floats=rng.standard_normal((3, Bs)).astype(np.float32),
-                      ints=ints((3, Bs), np.int64), max_q=draw(st.integers(0, 2**40)))
+                      ints=ints((3, Bs), np.int64), max_q=draw(st.integers(0, 2**40)),
+                      banned=ints((Bs, 8), np.int64), logprobs_k=draw(st.integers(-1, 20)),
+                      prompt_k=draw(st.integers(-1, 20)), prompt_rows=ints(T, np.int64),
+                      prompt_ids=ints(T, np.int64))
     feed = None
     if draw(st.booleans()):
         F = draw(st.integers(0, 5))
@@ -39,11 +42,11 @@ def test_decode_inverts_encode(step):
     # what a worker receives: fresh copies of the two buffers
     back, dst, index = decode(header.copy(), payload.copy())
     for name in ("ids", "positions", "slots", "cu_q", "seq_lens", "tables", "sample_rows",
-                 "floats", "ints"):
+                 "floats", "ints", "banned", "prompt_rows", "prompt_ids"):
         want, got = getattr(host, name), getattr(back, name)
         assert got.dtype == want.dtype and got.shape == want.shape, name
         np.testing.assert_array_equal(got, want, err_msg=name)
-    assert back.max_q == host.max_q
+    assert (back.max_q, back.logprobs_k, back.prompt_k) == (host.max_q, host.logprobs_k, host.prompt_k)
     if feed is None:
         assert dst is None and index is None
     else:

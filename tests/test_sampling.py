@@ -9,12 +9,21 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st_
 
-from functional_llm.errors import InvalidSamplingParams
 from functional_llm.runtime.sampling import (
-    _cumsum_rows, make_sampling_tensors, sample, uniform_bits,
+    _cumsum_rows, sample, sampling_from_blocks, uniform_bits,
 )
 
 MAX_SEED = 2**63 - 1
+
+
+def make_sampling_tensors(temperature, top_k, top_p, min_p, seeds, positions, device,
+                          banned=None):
+    """Per-row host values (length B each) -> SamplingTensors, as staging builds them."""
+    floats = np.array([temperature, top_p, min_p], dtype=np.float32)
+    ints = np.array([top_k, seeds, positions], dtype=np.int64)
+    if banned is None:
+        banned = np.full((len(temperature), 1), -1, dtype=np.int64)
+    return sampling_from_blocks(floats, ints, np.asarray(banned, dtype=np.int64), device)
 
 
 def tensors(rows, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=0, positions=0):
@@ -279,20 +288,6 @@ def test_same_noise_and_tokens_on_gpu():
 
 # ------------------------------------------------------------------------- errors
 
-def test_make_sampling_tensors_rejects_bad_rows():
-    with pytest.raises(InvalidSamplingParams) as err:
-        make_sampling_tensors([1.0, 1.0], [0], [1.0, 1.0], [0, 0], [0, 0], [0, 0], "cpu")
-    assert err.value.parameter == "top_k"
-    with pytest.raises(InvalidSamplingParams) as err:
-        make_sampling_tensors([1.0, -0.5], [0, 0], [1.0, 1.0], [0, 0], [0, 0], [0, 0], "cpu")
-    assert err.value.parameter == "temperature" and err.value.value == -0.5
-    with pytest.raises(InvalidSamplingParams) as err:
-        make_sampling_tensors([1.0], [0], [0.0], [0], [0], [0], "cpu")
-    assert err.value.parameter == "top_p"
-
-
-# ----------------------------------------------------------------------- property
-
 def allowed_tokens(logits_row, temperature, top_k, top_p, min_p):
     """Tokens a correct sampler may return for one row. Scaled logits are computed in
     float32 exactly as the sampler does, so ranks agree; the top-p and min-p cuts get a
@@ -376,3 +371,22 @@ def test_unfiltered_fast_path_draws_the_same_tokens_as_the_sorted_path():
     slow = sample(logits, attrs.evolve(st, unfiltered=False))
     assert torch.equal(fast, slow)
     assert len(set(fast.tolist())) > B // 2          # really sampled, not a constant
+
+
+def test_banned_ids_are_never_sampled_and_other_rows_untouched():
+    """min_tokens masking: a row's banned ids (EOS, stop ids) get -inf before any sampling
+    path; a row banning nothing (-1s) samples as without the mask, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    logits[:, 7] = 30.0                       # token 7 would win every row
+    banned = [[7, 3, -1], [-1, -1, -1], [7, -1, -1], [7, 8, 9]]
+    for temperature, top_k in ((0.0, 0), (1.0, 0), (0.8, 10)):
+        plain = make_sampling_tensors([temperature] * 4, [top_k] * 4, [1.0] * 4, [0.0] * 4,
+                                      [1, 2, 3, 4], [5] * 4, "cpu")
+        masked = make_sampling_tensors([temperature] * 4, [top_k] * 4, [1.0] * 4, [0.0] * 4,
+                                       [1, 2, 3, 4], [5] * 4, "cpu", banned)
+        free, got = sample(logits, plain), sample(logits, masked)
+        assert free.tolist() == [7, 7, 7, 7]
+        assert got[1] == free[1]                          # nothing banned: same draw
+        for row in (0, 2, 3):
+            assert int(got[row]) not in banned[row]

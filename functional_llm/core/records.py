@@ -30,6 +30,10 @@ def _to_tuple(value):
         return (value,)
 
 
+MAX_LOGPROBS = 20
+MAX_BANNED = 8      # EOS + stop ids a request can mask while under min_tokens
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)   # True is an int to Python
 
@@ -52,6 +56,8 @@ class SamplingParams:
     stop: tuple = attrs.field(default=(), converter=_to_tuple)
     stop_token_ids: tuple = attrs.field(default=(), converter=_to_tuple)
     ignore_eos: bool = False
+    logprobs: Optional[int] = None         # per generated token: its logprob and the top-k
+    prompt_logprobs: Optional[int] = None  # the same per prompt token (skips prefix-cache hits)
 
     def __attrs_post_init__(self):
         def bad(name, why):
@@ -84,6 +90,10 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative ints")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "must be a bool")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                bad(name, f"must be None or an int in [0, {MAX_LOGPROBS}]")
 
 
 @attrs.frozen(slots=True)
@@ -96,10 +106,12 @@ class Request:
     params: SamplingParams
     seed: int                       # the sampling key's seed (explicit or derived)
     arrival: Optional[int] = None   # admission order (Counters.arrivals), stamped by admit
-    # the sampler's per-row values, gathered once here instead of on every step
+    # the sampler's per-row values, gathered once here instead of on every step; the last is
+    # the position before which EOS and stop ids are masked (min_tokens)
     knobs: tuple = attrs.field(init=False, eq=False, repr=False, default=attrs.Factory(
         lambda self: (self.params.temperature, self.params.top_p, self.params.min_p,
-                      self.params.top_k, self.seed), takes_self=True))
+                      self.params.top_k, self.seed, len(self.prompt) + self.params.min_tokens),
+        takes_self=True))
 
 
 def block_array(ids) -> np.ndarray:
@@ -256,6 +268,17 @@ class Delta:
 
 
 @attrs.frozen(slots=True)
+class TokenLogprobs:
+    """One position's log-probabilities under the model (before temperature and filters):
+    the token's own, its rank (1 = most likely) and the top-k as (id, logprob) pairs."""
+
+    token: int
+    logprob: float
+    rank: int
+    top: tuple = ()
+
+
+@attrs.frozen(slots=True)
 class Deltas:
     """A step's deltas, struct-of-arrays: sampled token per row, then the finished rows.
     Everything the shell needs (outputs.apply): it never reads the engine's state."""
@@ -264,6 +287,10 @@ class Deltas:
     tokens: tuple = ()
     finished: Mapping = MappingProxyType({})   # rid -> finish reason
     num_cached: Mapping = MappingProxyType({})  # rid -> Seq.num_cached, for every rid with a row
+    # filled by the engine for requests that ask: rid -> TokenLogprobs of its new token, and
+    # rid -> tuple of TokenLogprobs of the prompt tokens this step's chunk predicts
+    logprobs: Mapping = MappingProxyType({})
+    prompt_logprobs: Mapping = MappingProxyType({})
 
     def __iter__(self):
         for rid, tok in zip(self.rids, self.tokens):

@@ -17,8 +17,9 @@ import attrs
 from pyrsistent import pvector
 
 from functional_llm.core import blocks as B
-from functional_llm.core.records import NO_BLOCKS, Plan, Request, SchedConfig, SchedState, Seq, block_array
-from functional_llm.errors import InvalidPrompt, RequestTooLarge
+from functional_llm.core.records import (MAX_BANNED, NO_BLOCKS, Plan, Request, SchedConfig,
+                                        SchedState, Seq, block_array)
+from functional_llm.errors import InvalidPrompt, InvalidSamplingParams, RequestTooLarge
 
 
 def check_request(cfg: SchedConfig, req: Request) -> None:
@@ -29,11 +30,21 @@ def check_request(cfg: SchedConfig, req: Request) -> None:
     if n >= cfg.max_model_len:
         raise InvalidPrompt("prompt", f"<{n} tokens>",
                             f"prompt length {n} must be < max_model_len={cfg.max_model_len}")
+    if req.params.min_tokens and len(banned_ids(cfg, req)) > MAX_BANNED:
+        raise InvalidSamplingParams("stop_token_ids", req.params.stop_token_ids, f"with min_tokens, "
+                                    f"at most {MAX_BANNED} ids with EOS can be masked")
     longest = min(n + req.params.max_tokens, cfg.max_model_len)
     if B.blocks_for(longest, cfg.block_size) > cfg.num_blocks:
         raise RequestTooLarge("num_kv_blocks", cfg.num_blocks,
                               f"request {req.rid!r} may need {longest} tokens = "
                               f"{B.blocks_for(longest, cfg.block_size)} blocks of {cfg.block_size}")
+
+
+def banned_ids(cfg: SchedConfig, req: Request) -> tuple:
+    """The ids masked from sampling while the request is under min_tokens: EOS (unless
+    ignore_eos) and its stop ids."""
+    eos = () if req.params.ignore_eos else cfg.eos_token_ids
+    return tuple(sorted(set(eos) | set(req.params.stop_token_ids)))
 
 
 def admit(state: SchedState, cfg: SchedConfig, req: Request) -> SchedState:
@@ -109,8 +120,8 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
     while not preempted and waiting and budget > 0 and len(running) < cfg.max_num_seqs:
         seq = changed.get(waiting[0]) or seqs[waiting[0]]
         match = B.PrefixMatch()
-        if cfg.enable_prefix_caching:
-            match = B.match_prefix(pool, seq.tokens, hash_fn)
+        if cfg.enable_prefix_caching and seq.req.params.prompt_logprobs is None:
+            match = B.match_prefix(pool, seq.tokens, hash_fn)   # (prompt logprobs: compute all)
         start = match.num_blocks * S
         n = min(len(seq.tokens) - start, budget)
         need = B.blocks_for(start + n, S) - match.num_blocks

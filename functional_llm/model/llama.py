@@ -172,7 +172,7 @@ def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor,
         assert mesh is not None, "vocab-parallel params need their mesh"
         # gathered along dim 0 ([world * B, V/world]) and laid out by hand: gathering along
         # dim 1 goes through a helper torch.compile refuses to trace (torch 2.11)
-        B = logits.shape[0]
+        B, part = logits.shape
         parts = funcol.all_gather_tensor(logits, 0, mesh.group)
-        logits = parts.view(mesh.world, B, -1).permute(1, 0, 2).reshape(B, -1)   # [B, V]
+        logits = parts.view(mesh.world, B, part).permute(1, 0, 2).reshape(B, mesh.world * part)
     return logits.float()

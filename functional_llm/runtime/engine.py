@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import types
+from types import MappingProxyType
 
 import attrs
 import numpy as np
@@ -16,10 +17,11 @@ import torch
 from functional_llm.core import commit as C
 from functional_llm.core import scheduler as S
 from functional_llm.core import trace as T
-from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, new_state
+from functional_llm.core.records import (Counters, Deltas, Request, SchedConfig, TokenLogprobs,
+                                        new_state)
 from functional_llm.errors import EngineStalled
 from functional_llm.runtime.graphs import StepGraphs
-from functional_llm.runtime.sampling import sample
+from functional_llm.runtime.sampling import sample, token_logprobs
 from functional_llm.runtime.staging import HostInputs, StepInputs, stage_host, to_device
 from functional_llm.model.llama import compute_logits, forward
 
@@ -35,15 +37,27 @@ class DeviceModel:
     mesh: object = None
 
 
-def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> tuple:
     """Model forward + sampling for one step; inputs.attn already went through the backend's
     `prepare` (host work, outside any compiled region). Writes the new tokens' K/V into kv;
-    returns the sampled token ids [Bs] (still on the device: the caller decides when to
-    sync)."""
+    returns (sampled ids [Bs], their rows' raw logits [Bs, V] float32, final hidden [T, E]),
+    still on the device (the caller decides when to sync; logits and hidden serve logprobs,
+    and cost nothing more: both are materialised anyway)."""
     hidden = forward(model.params, model.cfg, inputs.input_ids, inputs.positions, inputs.attn,
                      kv, model.backend, model.mesh)
     logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows], model.mesh)
-    return sample(logits, inputs.sampling)
+    return sample(logits, inputs.sampling), logits, hidden
+
+
+@attrs.frozen(slots=True)
+class StepOut:
+    """A launched step's outputs on the device: tokens [Bs], and the logprobs the step's
+    requests asked for (token_logprobs' four tensors, or None; prompt: the same for the
+    prompt tokens of prompt_logprobs requests)."""
+
+    tokens: torch.Tensor
+    logprobs: tuple | None = None
+    prompt: tuple | None = None
 
 
 def compile_step(model: DeviceModel, backend: str = "inductor"):
@@ -70,6 +84,9 @@ class Feed:
     dst: np.ndarray      # [F] int64 rows of the step's input ids
     src: torch.Tensor    # [Bs'] the previous step's tokens on the device
     index: np.ndarray    # [F] int64 rows of src
+
+
+PROMPT_SLICE = 1024   # prompt-logprob rows scored at once
 
 
 class Runner:
@@ -109,16 +126,33 @@ class Runner:
     def _prepared(self, inputs: StepInputs) -> StepInputs:
         return attrs.evolve(inputs, attn=self.model.backend.prepare(inputs.attn))
 
-    def launch(self, host: HostInputs, feed: Feed | None = None) -> torch.Tensor:
-        """Queue the step on the device; returns its tokens [Bs] without waiting for them."""
-        if self.graphs is not None:
-            return self.graphs.run(host, feed)
+    def launch(self, host: HostInputs, feed: Feed | None = None) -> StepOut:
+        """Queue the step on the device; returns its outputs without waiting for them."""
         with torch.inference_mode():
-            inputs = to_device(host, self.device)
-            if feed is not None and len(feed.dst):
-                inputs.input_ids.index_copy_(0, _dev(feed.dst, self.device),
-                                             feed.src[_dev(feed.index, self.device)])
-            return self.step_fn(self.kv, self._prepared(inputs))
+            if self.graphs is not None:
+                tokens, logits, hidden = self.graphs.run(host, feed)
+            else:
+                inputs = to_device(host, self.device)
+                if feed is not None and len(feed.dst):
+                    inputs.input_ids.index_copy_(0, _dev(feed.dst, self.device),
+                                                 feed.src[_dev(feed.index, self.device)])
+                tokens, logits, hidden = self.step_fn(self.kv, self._prepared(inputs))
+            return StepOut(tokens, *self._logprobs(host, tokens, logits, hidden))
+
+    def _logprobs(self, host: HostInputs, tokens, logits, hidden) -> tuple:
+        """Only for steps whose requests ask (the others pay nothing): the sampled tokens'
+        logprobs from the step's logits; the prompt tokens' from logits of their rows'
+        hidden states, computed in slices of <= PROMPT_SLICE rows (vocab-wide rows are big)."""
+        sampled = prompt = None
+        if host.logprobs_k >= 0:
+            sampled = token_logprobs(logits[:len(tokens)], tokens, host.logprobs_k)
+        if host.prompt_k >= 0:
+            m, rows, ids = self.model, _dev(host.prompt_rows, self.device), _dev(host.prompt_ids, self.device)
+            parts = [token_logprobs(compute_logits(m.params, m.cfg, hidden[rows[i:i + PROMPT_SLICE]], m.mesh),
+                                   ids[i:i + PROMPT_SLICE], host.prompt_k)
+                     for i in range(0, len(rows), PROMPT_SLICE)]
+            prompt = tuple(torch.cat(p) for p in zip(*parts)) if parts else None
+        return sampled, prompt
 
 
 def _dev(a: np.ndarray, device) -> torch.Tensor:
@@ -126,23 +160,63 @@ def _dev(a: np.ndarray, device) -> torch.Tensor:
 
 
 class _InFlight:
-    """A launched step: its plan, its tokens on the device and their copy to the host."""
+    """A launched step: its plan, its outputs on the device and their copy to the host."""
 
-    def __init__(self, plan, tokens: torch.Tensor):
-        self.plan, self.device_tokens, self.gone = plan, tokens, set()
-        self.row_of = {rid: k for k, rid in enumerate(r for r, s in zip(plan.rids, plan.sample) if s)}
-        if tokens.is_cuda:
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
+    def __init__(self, plan, out: StepOut, state=None, host: HostInputs | None = None):
+        """state, host: the step's (post-schedule) state and inputs, read only when the step
+        computed logprobs, to know whose they are."""
+        self.plan, self.device_tokens, self.gone = plan, out.tokens, set()
+        self.sampled = [r for r, s in zip(plan.rids, plan.sample) if s]
+        self.row_of = {rid: k for k, rid in enumerate(self.sampled)}
+        arrays = (out.tokens, *(out.logprobs or ()), *(out.prompt or ()))
+        self.want = {}   # rid -> logprobs k
+        if out.logprobs is not None:
+            self.want = {rid: state.seqs[rid].req.params.logprobs for rid in self.sampled
+                         if state.seqs[rid].req.params.logprobs is not None}
+        self.prompt = None   # (rid per prompt row, target ids, k per rid)
+        if out.prompt is not None:
+            rids = [plan.rids[r] for r in host.row_of_token(host.prompt_rows)]
+            self.prompt = rids, host.prompt_ids.tolist(), {
+                rid: state.seqs[rid].req.params.prompt_logprobs for rid in set(rids)}
+        if out.tokens.is_cuda:
+            self.host = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True) for a in arrays]
+            for h, a in zip(self.host, arrays):
+                h.copy_(a, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
         else:
-            self.host, self.ready = tokens, None
+            self.host, self.ready = list(arrays), None
 
     def tokens(self) -> list:
         if self.ready is not None:
             self.ready.synchronize()
-        return self.host.tolist()
+        return self.host[0].tolist()
+
+    def with_logprobs(self, deltas: Deltas) -> Deltas:
+        """deltas plus the logprobs of this step's rows that asked (after tokens())."""
+        if not self.want and self.prompt is None:
+            return deltas
+        toks, *lists = [h.tolist() for h in self.host]
+        sampled = {}
+        if self.want:
+            lp, rank, top_v, top_i = lists[:4]
+            for i, rid in enumerate(self.sampled):
+                if rid in self.want and rid not in self.gone:
+                    sampled[rid] = _entry(toks[i], lp[i], rank[i], top_i[i], top_v[i],
+                                          self.want[rid])
+        prompt = {}
+        if self.prompt is not None:
+            rids, targets, ks = self.prompt
+            lp, rank, top_v, top_i = lists[-4:]
+            for i, (rid, tok) in enumerate(zip(rids, targets)):
+                entry = _entry(tok, lp[i], rank[i], top_i[i], top_v[i], ks[rid])
+                prompt[rid] = prompt.get(rid, ()) + (entry,)
+        return attrs.evolve(deltas, logprobs=MappingProxyType(sampled),
+                            prompt_logprobs=MappingProxyType(prompt))
+
+
+def _entry(token, logprob, rank, top_ids, top_values, k) -> TokenLogprobs:
+    return TokenLogprobs(token, logprob, rank, tuple(zip(top_ids[:k], top_values[:k])))
 
 
 class Engine:
@@ -217,8 +291,11 @@ class Engine:
         if not plan.rids:
             self.state, tokens, deltas = state, [], Deltas()
         else:
-            tokens = self.device_tokens(state, plan)
+            host = stage_host(state, plan, self.sched)
+            flight = _InFlight(plan, self.runner.launch(host), state, host)
+            tokens = flight.tokens()
             self.state, deltas = C.commit(state, self.sched, plan, tokens)
+            deltas = flight.with_logprobs(deltas)
         if self.trace is not None:
             self.trace.write(T.step_record(state.counters.steps - 1, plan, tokens, self.state, deltas))
         return deltas
@@ -240,14 +317,14 @@ class Engine:
         self._check_stall(plan)
         self.state, prev, launched = state, self._flight, None
         if plan.rids:
-            host = stage_host(self.state, plan, self.sched.block_size)
+            host = stage_host(self.state, plan, self.sched)
             feed = None
             if prev is not None:
                 dst = np.flatnonzero(host.ids == C.PENDING)
                 feed = Feed(dst, prev.device_tokens,
                             np.fromiter((prev.row_of[plan.rids[r]] for r in host.row_of_token(dst)),
                                         np.int64, len(dst)))
-            launched = _InFlight(plan, self.runner.launch(host, feed))
+            launched = _InFlight(plan, self.runner.launch(host, feed), self.state, host)
         scheduled, tokens = plan, []    # what the trace records: plan k, step k-1's samples
         deltas = Deltas()
         if prev is not None:
@@ -256,6 +333,7 @@ class Engine:
             tokens = prev.tokens()
             self.state, deltas = C.resolve(self.state, self.sched, prev_plan,
                                            [t for t, k in zip(tokens, keep) if k])
+            deltas = prev.with_logprobs(deltas)
             if launched is not None:
                 launched.gone.update(deltas.finished)
         if launched is not None:
@@ -273,10 +351,10 @@ class Engine:
         tokens. Also what `functional-llm replay --model` calls for each recorded step.
         fed: rid -> the token to read where the host says PENDING (a pipelined trace's step
         k-1 samples, which the engine fed on the device)."""
-        host = stage_host(state, plan, self.sched.block_size)
+        host = stage_host(state, plan, self.sched)
         if fed:
             ids = host.ids.copy()
             dst = np.flatnonzero(ids == C.PENDING)
             ids[dst] = [fed[plan.rids[r]] for r in host.row_of_token(dst)]
             host = attrs.evolve(host, ids=ids)
-        return self.runner.launch(host).tolist()
+        return self.runner.launch(host).tokens.tolist()

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from functional_llm.core.records import MAX_BANNED
 from functional_llm.kernels.base import AttnBatch
 from functional_llm.runtime.sampling import SamplingTensors, sampling_rows
 from functional_llm.runtime.staging import HostInputs, StepInputs
@@ -52,6 +53,7 @@ def _layout(num_tokens: int, num_rows: int, max_blocks: int) -> tuple[dict, int]
               "slots": (np.int64, (num_tokens,)), "sample_rows": (np.int64, (num_rows,)),
               "ints": (np.int64, (3, num_rows)), "feed_dst": (np.int64, (num_rows,)),
               "feed_src": (np.int64, (num_rows,)), "floats": (np.float32, (3, num_rows)),
+              "banned": (np.int64, (num_rows, MAX_BANNED)),
               "cu_q": (np.int32, (num_rows + 1,)), "seq_lens": (np.int32, (num_rows,)),
               "tables": (np.int32, (num_rows, max_blocks))}
     out, off = {}, 0
@@ -130,6 +132,7 @@ class StepGraphs:
             host["sample_rows"][:Bs] = h.sample_rows
             host["floats"][:, :Bs] = h.floats
             host["ints"][:, :Bs] = h.ints
+            host["banned"][:Bs] = h.banned
         host["ids"][T:size] = 0
         host["positions"][T:size] = 0
         host["slots"][T:size] = self.scratch_slot
@@ -141,6 +144,7 @@ class StepGraphs:
         host["floats"][:, Bs:rows] = 0.0
         host["floats"][1, Bs:rows] = 1.0                 # pad rows: greedy, top_p 1
         host["ints"][:, Bs:rows] = 0
+        host["banned"][Bs:rows] = -1
 
     def inputs(self, decode: bool, size: int, unfiltered: bool) -> StepInputs:
         """The static buffers as the StepInputs of bucket (decode, size) in a sampler mode."""
@@ -150,7 +154,7 @@ class StepGraphs:
                          max_q=1 if decode else size, max_seq_len=self.max_seq_len)
         sampling = SamplingTensors(d["floats"][0, :rows], d["ints"][0, :rows], d["floats"][1, :rows],
                                    d["floats"][2, :rows], d["ints"][1, :rows], d["ints"][2, :rows],
-                                   False, unfiltered)
+                                   False, unfiltered, d["banned"][:rows])
         inputs = StepInputs(d["ids"][:size], d["positions"][:size], attn, d["sample_rows"][:rows],
                             sampling)
         if self.mark_dynamic:
@@ -159,13 +163,14 @@ class StepGraphs:
                 torch._dynamo.mark_dynamic(t, 0)
         return inputs
 
-    def run(self, h: HostInputs, feed=None) -> torch.Tensor:
+    def run(self, h: HostInputs, feed=None) -> tuple:
         """Stage h (and the feed of ids from the previous step's tokens), replay; returns the
-        tokens [Bs], on the device."""
+        step's outputs (tokens [Bs], logits [Bs', V], hidden [T', E]) in the graph's static
+        buffers (Bs' >= Bs and T' >= T: the padding), on the device."""
         key = self.stage(h, feed)
-        graph, out = self.graphs[key]
+        graph, (tokens, logits, hidden) = self.graphs[key]
         graph.replay()
-        return out[:len(h.sample_rows)]
+        return tokens[:len(h.sample_rows)], logits, hidden
 
     def stage(self, h: HostInputs, feed=None) -> tuple:
         """Copy h, padded to its bucket, into the static buffers (and apply the feed); returns

@@ -36,7 +36,6 @@ import attrs
 import numpy as np
 import torch
 
-from functional_llm.errors import InvalidSamplingParams
 
 _MASK32 = 0xFFFFFFFF
 _UNIFORM_BITS = 24
@@ -45,7 +44,7 @@ _HALF_RANGE = 1 << (_UNIFORM_BITS - 1)
 
 @attrs.frozen(slots=True)
 class SamplingTensors:
-    """Per-row sampling parameters on the logits' device (build with make_sampling_tensors)."""
+    """Per-row sampling parameters on the logits' device (staging: sampling_from_blocks)."""
 
     temperature: torch.Tensor  # [B] float32, 0 = greedy
     top_k: torch.Tensor        # [B] int64, 0 = off
@@ -55,44 +54,19 @@ class SamplingTensors:
     positions: torch.Tensor    # [B] int64 >= 0: absolute position of the token being sampled
     greedy_only: bool          # host flag: every temperature is 0, so no sort and no noise
     unfiltered: bool = False   # host flag: no top-k/top-p/min-p in the batch, so no sort
+    banned: torch.Tensor | None = None   # [B, W] int64 ids never sampled (min_tokens), -1 = none
 
 
 def sampling_rows(st: SamplingTensors) -> tuple:
     """The per-row tensors of st."""
-    return st.temperature, st.top_k, st.top_p, st.min_p, st.seeds, st.positions
+    return st.temperature, st.top_k, st.top_p, st.min_p, st.seeds, st.positions, st.banned
 
 
-def make_sampling_tensors(temperature, top_k, top_p, min_p, seeds, positions,
-                          device) -> SamplingTensors:
-    """Pack per-row host values (lists or numpy arrays, length B) into SamplingTensors.
-
-    Two host->device copies: one for the float fields, one for the int fields. Pure.
-    Raises InvalidSamplingParams naming the field when lengths differ or a value is out
-    of its domain (the engine validates SamplingParams first, so this is a backstop).
-    """
-    floats = {name: np.asarray(v, dtype=np.float32).reshape(-1)
-              for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p))}
-    ints = {name: np.asarray(v, dtype=np.int64).reshape(-1)
-            for name, v in (("top_k", top_k), ("seeds", seeds), ("positions", positions))}
-    num_rows = len(floats["temperature"])
-    for name, arr in {**floats, **ints}.items():
-        if len(arr) != num_rows:
-            raise InvalidSamplingParams(name, len(arr), f"length must equal B={num_rows}")
-    _check(floats["temperature"] >= 0, "temperature", floats["temperature"], "must be >= 0")
-    _check((floats["top_p"] > 0) & (floats["top_p"] <= 1), "top_p", floats["top_p"],
-           "must be in (0, 1]")
-    _check((floats["min_p"] >= 0) & (floats["min_p"] <= 1), "min_p", floats["min_p"],
-           "must be in [0, 1]")
-    for name in ints:
-        _check(ints[name] >= 0, name, ints[name], "must be >= 0")
-
-    return sampling_from_blocks(np.stack(list(floats.values())), np.stack(list(ints.values())),
-                                device)
-
-
-def sampling_from_blocks(floats: np.ndarray, ints: np.ndarray, device) -> SamplingTensors:
+def sampling_from_blocks(floats: np.ndarray, ints: np.ndarray, banned: np.ndarray,
+                         device) -> SamplingTensors:
     """floats [3, B] float32 (temperature, top_p, min_p), ints [3, B] int64 (top_k, seed,
-    position), already validated -> SamplingTensors. The per-step path: two copies, no checks."""
+    position), banned [B, W] int64, already validated -> SamplingTensors. The per-step path:
+    three copies, no checks."""
     float_block = torch.from_numpy(floats).to(device, non_blocking=True)
     int_block = torch.from_numpy(ints).to(device, non_blocking=True)
     temp_t, top_p_t, min_p_t = float_block.unbind(0)
@@ -102,12 +76,7 @@ def sampling_from_blocks(floats: np.ndarray, ints: np.ndarray, device) -> Sampli
         seeds=seeds_t, positions=positions_t,
         greedy_only=bool(np.all(floats[0] == 0)),
         unfiltered=bool(np.all(ints[0] == 0) and np.all(floats[1] >= 1) and np.all(floats[2] <= 0)),
-    )
-
-
-def _check(ok: np.ndarray, name: str, values: np.ndarray, why: str) -> None:
-    if not np.all(ok):
-        raise InvalidSamplingParams(name, values[~ok][0].item(), why)
+        banned=torch.from_numpy(banned).to(device, non_blocking=True))
 
 
 def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -123,6 +92,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
     No profiler range in here: record_function is dropped (with a warning) under
     torch.compile, so the caller's step labels this region "sample"."""
+    if st.banned is not None:
+        logits = mask_banned(logits, st.banned)
     greedy = logits.argmax(dim=-1)
     if st.greedy_only:  # host flag, fixed per captured graph: no tensor value is read
         return greedy
@@ -142,6 +113,28 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     pick = (filtered + noise).argmax(dim=-1, keepdim=True)
     drawn = sorted_ids.gather(-1, pick).squeeze(-1)
     return torch.where(is_greedy, greedy, drawn)
+
+
+def mask_banned(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with -inf at each row's banned ids [B, W] (-1 = none, listed first-to-
+    last, so a row's first entry is -1 only when it bans nothing). Sync-free, fixed shapes:
+    the -1 entries rewrite the row's first banned id (-inf again) or, in a row that bans
+    nothing, column 0 with its own value, so no two writes to one place disagree."""
+    first = banned[:, :1]
+    cols = torch.where(banned >= 0, banned, first).clamp(min=0)
+    keep = logits.gather(1, cols)
+    values = torch.where(first >= 0, torch.full_like(keep, -math.inf), keep)
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(cols)
+    return logits.index_put((rows, cols), values)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple:
+    """logits [B, V], ids [B] -> the model's log-probabilities (before temperature and
+    filters): of ids [B], their ranks [B] (1 = most likely), the top-k [B, k] and their ids."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, ids[:, None])
+    top = logp.topk(k, dim=-1)
+    return chosen[:, 0], (logp > chosen).sum(dim=-1) + 1, top.values, top.indices
 
 
 def filter_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -6,7 +6,8 @@ import attrs
 import numpy as np
 import torch
 
-from functional_llm.core.records import Plan, SchedState
+from functional_llm.core.records import MAX_BANNED, Plan, SchedConfig, SchedState
+from functional_llm.core.scheduler import banned_ids
 from functional_llm.kernels.base import AttnBatch
 from functional_llm.runtime.sampling import SamplingTensors, sampling_from_blocks
 
@@ -20,6 +21,9 @@ class StepInputs:
     attn: AttnBatch
     sample_rows: torch.Tensor    # [Bs] int64: row in T of each sampling sequence's last token
     sampling: SamplingTensors    # [Bs] per sampling row
+
+
+NONE = np.zeros(0, dtype=np.int64)
 
 
 @attrs.frozen(slots=True)
@@ -37,6 +41,11 @@ class HostInputs:
     floats: np.ndarray         # [3, Bs] float32: temperature, top_p, min_p
     ints: np.ndarray           # [3, Bs] int64: top_k, seed, position
     max_q: int
+    banned: np.ndarray         # [Bs, MAX_BANNED] int64: ids masked (min_tokens), -1 = none
+    logprobs_k: int = -1       # the largest `logprobs` of the sampling rows (-1: none asks)
+    prompt_k: int = -1         # the largest `prompt_logprobs` of the rows (-1: none asks)
+    prompt_rows: np.ndarray = NONE   # [P] int64 rows of ids whose next token is a prompt token
+    prompt_ids: np.ndarray = NONE    # [P] int64 that prompt token, of a prompt_logprobs request
 
     @property
     def is_decode(self) -> bool:
@@ -48,9 +57,9 @@ class HostInputs:
         return np.searchsorted(self.cu_q, index, side="right") - 1
 
 
-def stage_host(state: SchedState, plan: Plan, block_size: int) -> HostInputs:
+def stage_host(state: SchedState, plan: Plan, sched: SchedConfig) -> HostInputs:
     """Build the step's inputs from the post-schedule state (block tables are allocated)."""
-    seqs = state.seqs
+    block_size, seqs = sched.block_size, state.seqs
     starts = np.asarray(plan.starts, dtype=np.int64)
     counts = np.asarray(plan.counts, dtype=np.int64)
     rows = [seqs[rid] for rid in plan.rids]
@@ -74,13 +83,34 @@ def stage_host(state: SchedState, plan: Plan, block_size: int) -> HostInputs:
     np.cumsum(counts, out=cu_q[1:])
 
     sample_idx = [r for r, smp in enumerate(plan.sample) if smp]
-    knobs = [rows[r].req.knobs for r in sample_idx]   # (temperature, top_p, min_p, top_k, seed)
+    knobs = [rows[r].req.knobs for r in sample_idx]   # Request.knobs
     floats = np.ascontiguousarray(np.array([k[:3] for k in knobs], dtype=np.float32).reshape(-1, 3).T)
     ints = np.empty((3, len(knobs)), dtype=np.int64)
-    ints[:2] = np.array([k[3:] for k in knobs], dtype=np.int64).reshape(-1, 2).T
+    ints[:2] = np.array([k[3:5] for k in knobs], dtype=np.int64).reshape(-1, 2).T
     ints[2] = seq_lens[sample_idx]  # the sampled token's absolute position keys its noise
-    return HostInputs(ids, positions, slots, cu_q, seq_lens.astype(np.int32), tables,
-                      (cu_q[1:][sample_idx] - 1).astype(np.int64), floats, ints, int(counts.max()))
+    banned = np.full((len(knobs), MAX_BANNED), -1, dtype=np.int64)
+    for i in np.flatnonzero(ints[2] < np.fromiter((k[5] for k in knobs), np.int64, len(knobs))):
+        ban = banned_ids(sched, rows[sample_idx[i]].req)      # under min_tokens: rare
+        banned[i, :len(ban)] = ban
+    asks = [r.req.params.logprobs for r in (rows[i] for i in sample_idx)]
+    host = HostInputs(ids, positions, slots, cu_q, seq_lens.astype(np.int32), tables,
+                      (cu_q[1:][sample_idx] - 1).astype(np.int64), floats, ints, int(counts.max()),
+                      banned, max((k for k in asks if k is not None), default=-1))
+    prompt = [r for r, s in enumerate(rows) if s.req.params.prompt_logprobs is not None]
+    return _prompt_targets(host, rows, prompt, starts, counts) if prompt else host
+
+
+def _prompt_targets(host: HostInputs, rows, prompt: list, starts, counts) -> HostInputs:
+    """The prompt_logprobs rows: each token of such a row's chunk whose next position holds a
+    prompt token (the logits at position p predict the token at p + 1)."""
+    token_rows, targets = [], []
+    for r in prompt:
+        ids, start = rows[r].req.prompt, int(starts[r])
+        end = min(start + int(counts[r]), len(ids) - 1)
+        token_rows += range(host.cu_q[r], host.cu_q[r] + max(end - start, 0))
+        targets += ids[start + 1:end + 1]
+    return attrs.evolve(host, prompt_k=max(rows[r].req.params.prompt_logprobs for r in prompt),
+                        prompt_rows=np.array(token_rows, np.int64), prompt_ids=np.array(targets, np.int64))
 
 
 def to_device(h: HostInputs, device) -> StepInputs:
@@ -90,4 +120,4 @@ def to_device(h: HostInputs, device) -> StepInputs:
     attn = AttnBatch(slot_mapping=dev(h.slots), cu_q=dev(h.cu_q), seq_lens=dev(h.seq_lens),
                      block_tables=dev(h.tables), max_q=h.max_q, max_seq_len=int(h.seq_lens.max()))
     return StepInputs(dev(h.ids), dev(h.positions), attn, dev(h.sample_rows),
-                      sampling_from_blocks(h.floats, h.ints, device))
+                      sampling_from_blocks(h.floats, h.ints, h.banned, device))

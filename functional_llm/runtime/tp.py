@@ -180,7 +180,7 @@ class TPRunner:
     graphs = property(lambda self: self.local.graphs)
     device = property(lambda self: self.local.device)
 
-    def launch(self, host: HostInputs, feed: Feed | None = None) -> torch.Tensor:
+    def launch(self, host: HostInputs, feed: Feed | None = None):   # -> engine.StepOut
         workers = self._workers
         workers.check()
         try:
@@ -285,7 +285,7 @@ def serve(build, spec, groups: Groups, device) -> None:
             dist.broadcast(payload, 0, group=groups.control)
         host, dst, index = decode(h, payload.numpy())
         _fault(f"step:{step}")
-        last = runner.launch(host, None if dst is None else Feed(dst, last, index))
+        last = runner.launch(host, None if dst is None else Feed(dst, last, index)).tokens
         step += 1
 
 
