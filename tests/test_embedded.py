@@ -31,12 +31,17 @@ def test_stop_string_excluded_and_request_finished(llm):
 
 
 def test_min_tokens_keeps_generating_past_eos(llm):
+    """Until min_tokens, EOS is masked from sampling (as in vLLM): the greedy answer runs as
+    before up to where it would have ended, then goes on without an EOS inside."""
     base = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0]
     n = len(base.token_ids)
+    eos = set(llm.model_config.eos_token_ids)
+    assert base.finish_reason == "stop" and base.token_ids[-1] in eos
     longer = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=n + 8, min_tokens=n + 4),
                       use_tqdm=False)[0]
     assert len(longer.token_ids) >= n + 4
-    assert list(longer.token_ids[:n]) == list(base.token_ids)
+    assert list(longer.token_ids[:n - 1]) == list(base.token_ids[:-1])
+    assert not eos & set(longer.token_ids[:n + 4])
 
 
 def test_max_model_len_ends_with_length(llm):

@@ -213,3 +213,28 @@ def test_forward_does_not_sync_and_replays_in_a_graph():
         captured = backend.forward(q, k, v, kv, 0, backend.prepare(batch), 0.1)
     graph.replay()
     torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+
+
+def test_shapes_the_kernels_cannot_serve_are_typed_before_anything_starts(tmp_path, monkeypatch):
+    """A block size or head shape the kernels would assert on at the first step is an
+    InvalidConfig naming the parameter when the LLM is built, before any weight is loaded."""
+    with pytest.raises(InvalidConfig) as e:
+        TritonBackend.check(12, 4, 2, 32)
+    assert e.value.parameter == "block_size"
+    with pytest.raises(InvalidConfig) as e:
+        TritonBackend.check(16, 4, 2, 24)
+    assert e.value.parameter == "head_dim"
+    with pytest.raises(InvalidConfig) as e:
+        TritonBackend.check(16, 34, 2, 32)                 # 17 query heads per kv head
+    assert e.value.parameter == "num_attention_heads"
+    TritonBackend.check(16, 32, 2, 128)                    # what it serves passes
+
+    from functional_llm import LLM
+    from functional_llm.runtime import build
+    from tiny_models import make_tiny_model
+    folder = make_tiny_model("llama", tmp_path)
+    built, real = [], build.build_runner
+    monkeypatch.setattr("functional_llm.llm.build_runner", lambda *a, **k: built.append(1) or real(*a, **k))
+    with pytest.raises(InvalidConfig) as e:
+        LLM(str(folder), device="cpu", attention_backend="triton", block_size=12)
+    assert e.value.parameter == "block_size" and not built

@@ -69,7 +69,7 @@ def compile_step(model: DeviceModel, backend: str = "inductor"):
     device_step's code object: Dynamo keeps compiled entries (and counts recompiles) per code
     object, so each LLM's compiled step lives and dies with it, and a process that makes
     many LLMs never reaches the recompile limit."""
-    def step(kv: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    def step(kv: torch.Tensor, inputs: StepInputs) -> tuple:
         return device_step(model, kv, inputs)
     fresh = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None,
                                step.__closure__)
@@ -102,7 +102,6 @@ class Runner:
         self.model, self.kv, self.device = model, kv, device
         self.step_fn = compile_step(model) if compiled else functools.partial(device_step, model)
         self.graphs = None
-        self.startup_seconds = 0.0
         if cuda_graphs:
             assert kv.shape[2] == sched.num_blocks + 1, "graphs need the scratch block"
             self.graphs = StepGraphs(self._graph_step, sched.max_num_seqs,
@@ -119,7 +118,7 @@ class Runner:
             self.graphs.release()
             self.graphs = None
 
-    def _graph_step(self, inputs: StepInputs) -> torch.Tensor:
+    def _graph_step(self, inputs: StepInputs) -> tuple:
         with torch.inference_mode():
             return self.step_fn(self.kv, self._prepared(inputs))
 
@@ -209,10 +208,9 @@ class _InFlight:
             rids, targets, ks = self.prompt
             lp, rank, top_v, top_i = lists[-4:]
             for i, (rid, tok) in enumerate(zip(rids, targets)):
-                entry = _entry(tok, lp[i], rank[i], top_i[i], top_v[i], ks[rid])
-                prompt[rid] = prompt.get(rid, ()) + (entry,)
-        return attrs.evolve(deltas, logprobs=MappingProxyType(sampled),
-                            prompt_logprobs=MappingProxyType(prompt))
+                prompt.setdefault(rid, []).append(_entry(tok, lp[i], rank[i], top_i[i], top_v[i], ks[rid]))
+        return attrs.evolve(deltas, logprobs=MappingProxyType(sampled), prompt_logprobs=MappingProxyType(
+            {rid: tuple(entries) for rid, entries in prompt.items()}))
 
 
 def _entry(token, logprob, rank, top_ids, top_values, k) -> TokenLogprobs:
