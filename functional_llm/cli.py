@@ -9,6 +9,8 @@ import pathlib
 import re
 import sys
 
+from functional_llm.errors import FunctionalLLMError
+
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -79,28 +81,29 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:   # a usage error (2) or --help (0): an exit code, like every path
         return e.code
-    if args.command == "replay":
-        return _replay(args)
-    if args.command == "trace":
-        return _plot(args)
-    if args.command == "chat":
-        return _chat(args)
-
-    from functional_llm import LLM, SamplingParams
-    from functional_llm.errors import FunctionalLLMError
-
+    run = {"generate": _generate, "chat": _chat, "replay": _replay, "trace": _plot}[args.command]
     try:
-        llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                                max_tokens=args.max_tokens, seed=args.seed)
-        chat = not args.raw and getattr(llm.tokenizer, "chat_template", None)
-        if chat:
-            outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
-        else:
-            outs = llm.generate(args.prompts, params, use_tqdm=False)
-    except FunctionalLLMError as e:
+        return run(args)
+    except FunctionalLLMError as e:   # the user's mistake (a bad folder, trace, prompt...)
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _llm_and_params(args):
+    """The LLM and SamplingParams that generate's and chat's shared options describe."""
+    from functional_llm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
+    return llm, SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                               max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _generate(args) -> int:
+    llm, params = _llm_and_params(args)
+    if not args.raw and getattr(llm.tokenizer, "chat_template", None):
+        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
+    else:
+        outs = llm.generate(args.prompts, params, use_tqdm=False)
     for prompt, out in zip(args.prompts, outs):
         if len(args.prompts) > 1:
             print(f"### {prompt}")
@@ -110,22 +113,14 @@ def main(argv=None) -> int:
 
 def _chat(args) -> int:
     """The interactive loop around chat_session: every way out is clean (exit code 0)."""
-    from functional_llm import LLM, SamplingParams
-    from functional_llm.errors import FunctionalLLMError
-
+    ask = "> " if sys.stdin.isatty() else ""
     try:
-        llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
+        llm, params = _llm_and_params(args)
         if not getattr(llm.tokenizer, "chat_template", None):
             print("error: this model has no chat template", file=sys.stderr)
             return 2
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                                max_tokens=args.max_tokens, seed=args.seed)
-        ask = "> " if sys.stdin.isatty() else ""
         chat_session(llm, params, lambda: input(ask), lambda text: print(text, end="", flush=True),
                      args.system)
-    except FunctionalLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (EOFError, KeyboardInterrupt):
         print()
     return 0
@@ -155,15 +150,9 @@ def chat_session(llm, params, read_line, write, system=None) -> list:
 def _replay(args) -> int:
     """Core only (no torch import) unless --model is given."""
     from functional_llm.core import trace as T
-    from functional_llm.errors import FunctionalLLMError
 
-    try:
-        records = T.read_trace(args.path)
-        step_tokens = _model_tokens(args, records[0]) if args.model else None
-        report = T.replay(records, step_tokens)
-    except FunctionalLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    records = T.read_trace(args.path)
+    report = T.replay(records, _model_tokens(args, records[0]) if args.model else None)
     if report.ok:
         print(f"{args.path}: {report.steps} steps replayed, every plan, token and digest matches")
         return 0
@@ -195,7 +184,6 @@ def _plot(args) -> int:
     """Three panels per step, from a core replay: scheduled tokens (prefill / decode), running
     and waiting requests, KV blocks in use; preemptions marked."""
     from functional_llm.core import trace as T
-    from functional_llm.errors import FunctionalLLMError
 
     try:
         import matplotlib
@@ -205,18 +193,14 @@ def _plot(args) -> int:
         print("error: trace plot needs matplotlib (pip install 'functional_llm[plot]')", file=sys.stderr)
         return 2
     rows = []   # per step: prefill tokens, decode tokens, running, waiting, blocks in use, preempted
-    try:
-        records = T.read_trace(args.path)
-        prompt_len = {r["rid"]: len(r["prompt"]) for r in records if r["kind"] == "arrive"}
+    records = T.read_trace(args.path)
+    prompt_len = {r["rid"]: len(r["prompt"]) for r in records if r["kind"] == "arrive"}
 
-        def on_step(state, plan):
-            decode = sum(n == 1 and s >= prompt_len[r] for r, s, n in zip(plan.rids, plan.starts, plan.counts))
-            rows.append((plan.num_tokens - decode, decode, len(state.running), len(state.waiting),
-                         state.blocks_in_use, len(plan.preempted)))
-        report = T.replay(records, on_step=on_step)
-    except FunctionalLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    def on_step(state, plan):
+        decode = sum(n == 1 and s >= prompt_len[r] for r, s, n in zip(plan.rids, plan.starts, plan.counts))
+        rows.append((plan.num_tokens - decode, decode, len(state.running), len(state.waiting),
+                     state.blocks_in_use, len(plan.preempted)))
+    report = T.replay(records, on_step=on_step)
     prefill, decode, running, waiting, blocks, preempted = zip(*rows) if rows else ((),) * 6
     steps = range(len(rows))
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, sharex=True, figsize=(9, 7))
