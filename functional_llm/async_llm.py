@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import queue
 import threading
 from typing import Any, AsyncIterator, Optional
@@ -20,7 +21,8 @@ import attrs
 
 from functional_llm.errors import EngineDead, InvalidConfig, QueueFull
 
-_END = object()   # a stream's last item when its request was aborted by `abort`
+_END = object()        # a stream's last item when its request was aborted by `abort`
+_SHUTDOWN = object()   # the command that stops the loop
 
 
 @attrs.frozen(eq=False)   # identity-hashed: one per generate() call
@@ -55,11 +57,6 @@ class _Abort:                 # engine.abort(request_id): answered through `done
 @attrs.frozen
 class _Close:                 # the caller stopped listening (cancelled, aclose, break)
     stream: _Stream
-
-
-@attrs.frozen
-class _Shutdown:
-    pass
 
 
 class AsyncLLM:
@@ -106,18 +103,13 @@ class AsyncLLM:
             raise self._error()
         ended = False
         try:
-            while True:
+            while not ended:
                 item = await stream.queue.get()
-                if item is _END:
-                    ended = True
-                    return
+                ended = item is _END or isinstance(item, BaseException) or item.finished
                 if isinstance(item, BaseException):
-                    ended = True
                     raise item
-                ended = item.finished
-                yield item
-                if ended:
-                    return
+                if item is not _END:
+                    yield item
         finally:
             if not ended:
                 self._submit(_Close(stream))
@@ -137,7 +129,7 @@ class AsyncLLM:
     def shutdown(self) -> None:
         """Abort every request (their callers get EngineDead), stop the loop, close the LLM.
         Idempotent; returns when the loop has stopped (at most one step's wait)."""
-        self._submit(_Shutdown())
+        self._submit(_SHUTDOWN)
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -171,7 +163,7 @@ class AsyncLLM:
                 applied = bool(self._batch)
                 while self._batch:
                     command = self._batch.popleft()
-                    if isinstance(command, _Shutdown):
+                    if command is _SHUTDOWN:
                         return self._die("the engine was shut down", None)
                     self._apply(command)
                 if applied:
@@ -238,10 +230,8 @@ class AsyncLLM:
         self._batch.clear()
         for rid, stream in list(self._streams.items()):
             if cause is None:
-                try:
+                with contextlib.suppress(Exception):
                     self._llm.abort(rid)
-                except Exception:
-                    pass
             stream.put(self._error())
         self._streams.clear(), self._rid_of.clear(), self._waiting.clear()
         for command in leftover:
@@ -249,11 +239,9 @@ class AsyncLLM:
                 command.stream.put(self._error())
             elif isinstance(command, _Abort):
                 self._answers.append(command.done)
-        try:
+        with contextlib.suppress(Exception):
             self._counters = self._llm.counters
             self._llm.close()
-        except Exception:
-            pass
         self._answer()
 
     def _answer(self) -> None:
