@@ -119,15 +119,13 @@ def shard_spec(specs: dict[str, ParamSpec], rules: ShardingRules, world: int, *,
     return plan
 
 
-def shard_range(size: int, unit: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of `rank`'s chunk of a dimension of `size` = count * unit. With fewer units
-    than ranks (only kv heads, checked by shard_spec) rank r gets the one unit r*count//world."""
-    count = size // unit
-    if count >= world:
-        per = count // world
-        first = rank * per
-    else:
-        per, first = 1, rank * count // world
+def shard_range(spec: ParamSpec, dim: int, head_dim: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s chunk of dimension `dim` (split, as checked by shard_spec): of
+    its count units, count/world from unit r*count/world; with fewer units than ranks (only kv
+    heads) rank r gets the one unit r*count//world."""
+    unit = _unit(spec.axes[dim], head_dim)
+    count = spec.shape[dim] // unit
+    first, per = rank * count // world, max(count // world, 1)
     return first * unit, (first + per) * unit
 
 
@@ -151,7 +149,7 @@ def shard(params: dict[str, torch.Tensor], specs: dict[str, ParamSpec], rules: S
         if dim is None:
             out[name] = tensor
             continue
-        start, stop = shard_range(spec.shape[dim], _unit(spec.axes[dim], head_dim), rank, world)
+        start, stop = shard_range(spec, dim, head_dim, rank, world)
         out[name] = tensor.narrow(dim, start, stop - start)
     return out
 
@@ -180,14 +178,14 @@ def load_params_sharded(path, cfg: ModelConfig, dtype: torch.dtype,
     InvalidModel as load_params does (missing tensor, wrong shape) and InvalidConfig as
     shard_spec does."""
     _check_rank(rank, world)
-    plan = shard_spec(param_specs(cfg), rules, world, head_dim=cfg.head_dim)
     specs = param_specs(cfg)
+    plan = shard_spec(specs, rules, world, head_dim=cfg.head_dim)
 
-    def select(name, shape):
+    def select(name, shape):   # shape is the spec's (load_params checks it first)
         dim = plan[name]
         if dim is None:
             return None
-        start, stop = shard_range(shape[dim], _unit(specs[name].axes[dim], cfg.head_dim), rank, world)
+        start, stop = shard_range(specs[name], dim, cfg.head_dim, rank, world)
         return (slice(None),) * dim + (slice(start, stop),)
 
     return load_params(path, cfg, dtype, device, select)
