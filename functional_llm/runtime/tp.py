@@ -28,7 +28,6 @@ import time
 import traceback
 import weakref
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -71,10 +70,8 @@ class _Workers:
 
     def check(self) -> None:
         """Raise WorkerError if a worker reported an error or is no longer running."""
-        if self.failure is None:
-            report = self._report()
-            if report:
-                self.fail(report)
+        if self.failure is None and (report := self._report()):
+            self.fail(report)
         if self.failure is not None:
             raise WorkerError(self.failure)
 
@@ -108,10 +105,8 @@ class _Workers:
         """A worker's report (its traceback, or its exit), waiting up to REPORT_WAIT_S for one:
         a worker that crashed is the usual reason a collective breaks."""
         deadline = time.monotonic() + (REPORT_WAIT_S if self.procs else 0.0)
-        report = self._report()
-        while report is None and time.monotonic() < deadline:
+        while (report := self._report()) is None and time.monotonic() < deadline:
             time.sleep(0.02)
-            report = self._report()
         return report
 
     def failed(self, exc: BaseException) -> WorkerError:
@@ -135,9 +130,8 @@ class _Workers:
         self.release_graphs()
         if graceful and self.groups is not None:
             try:
-                header = np.zeros(HEADER_LEN, dtype=np.int64)
-                header[0] = STOP
-                dist.broadcast(torch.from_numpy(header), 0, group=self.groups.control)
+                stop = torch.tensor([STOP] + [0] * (HEADER_LEN - 1))   # int64, as every header
+                dist.broadcast(stop, 0, group=self.groups.control)
             except Exception:
                 pass
             else:
@@ -255,9 +249,8 @@ def _start_rank0(spec, build, workers: _Workers, join, device):
     except BaseException as e:
         # rank 0's own typed error (a bad model folder...) is re-raised as is; a broken
         # collective is most likely a worker's failure: raise that worker's account
-        report = None
-        if isinstance(e, Exception) and not isinstance(e, FunctionalLLMError):
-            report = workers.wait_report()
+        crashed = isinstance(e, Exception) and not isinstance(e, FunctionalLLMError)
+        report = workers.wait_report() if crashed else None
         workers.fail(report or f"start-up failed on rank 0: {type(e).__name__}: {e}")
         if report:
             raise WorkerError(report) from e
