@@ -18,6 +18,7 @@ HEADER_LEN = 3 + 4 * len(_FIELDS)        # kind, payload bytes, has feed; per fi
 _DTYPES = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.float64))
 _CODE = {dt: i + 1 for i, dt in enumerate(_DTYPES)}   # 0: an int carried in the header
 _NO_FEED = np.zeros(0, dtype=np.int64)
+_ZEROS = np.zeros(8, dtype=np.uint8)     # padding
 
 
 def _pad8(n: int) -> int:
@@ -29,7 +30,7 @@ def encode(host: HostInputs, feed: Feed | None) -> tuple[np.ndarray, np.ndarray]
     header = [STEP, 0, int(feed is not None)]
     values = [getattr(host, n) for n in _HOST_FIELDS]
     values += [feed.dst, feed.index] if feed is not None else [_NO_FEED, _NO_FEED]
-    arrays, total = [], 0
+    parts = []   # each array's bytes, then its padding
     for value in values:
         if isinstance(value, (int, np.integer)):
             header += (0, 0, int(value), 0)
@@ -38,14 +39,9 @@ def encode(host: HostInputs, feed: Feed | None) -> tuple[np.ndarray, np.ndarray]
         assert a.ndim <= 2, "the header holds two dimensions per array"
         shape = a.shape + (0,) * (2 - a.ndim)
         header += (_CODE[a.dtype], a.ndim, *shape)
-        arrays.append(a)
-        total += _pad8(a.nbytes)
-    header[1] = total
-    payload = np.empty(total, dtype=np.uint8)
-    off = 0
-    for a in arrays:
-        payload[off:off + a.nbytes] = a.reshape(-1).view(np.uint8)
-        off += _pad8(a.nbytes)
+        parts += [a.reshape(-1).view(np.uint8), _ZEROS[:_pad8(a.nbytes) - a.nbytes]]
+    payload = np.concatenate(parts)   # never empty: the feed's two arrays are always there
+    header[1] = payload.size
     return np.array(header, dtype=np.int64), payload
 
 
@@ -66,6 +62,4 @@ def decode(header: np.ndarray, payload: np.ndarray) -> tuple[HostInputs, np.ndar
         values.append(payload[off:off + nbytes].view(dt).reshape(shape))
         off += _pad8(nbytes)
     host = HostInputs(*values[:len(_HOST_FIELDS)])
-    if not h[2]:
-        return host, None, None
-    return host, values[-2], values[-1]
+    return (host, values[-2], values[-1]) if h[2] else (host, None, None)
