@@ -15,42 +15,15 @@ import torch
 import xxhash
 
 from functional_llm.core.records import Request, SamplingParams
-from functional_llm.errors import InvalidConfig, InvalidModel, InvalidPrompt, InvalidSamplingParams
-from functional_llm.kernels import default_backend, get_backend
+from functional_llm.errors import InvalidModel, InvalidPrompt, InvalidSamplingParams
 from functional_llm.model.config import load_config
 from functional_llm.outputs import Emitted, RequestOutput, apply
 from functional_llm.outputs import start as start_output
 from functional_llm.progress import Progress
-from functional_llm.runtime.build import (DeviceSpec, build_runner, check_backend, check_split,
-                                          resolve_dtype)
+from functional_llm.runtime.build import build_runner, check_arguments, device_spec, resolve_dtype
 from functional_llm.runtime.engine import Engine
 
-DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste on CPU
-
 Prompt = Union[str, Sequence[int]]
-
-
-def _positive(name, value):
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise InvalidConfig(name, value, "must be a positive int")
-
-
-def _device(name) -> torch.device:
-    """The device to run on; InvalidConfig for one this build cannot use (checked before the
-    model loads, so a typo costs nothing)."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise InvalidConfig("device", name, "expected 'cpu', 'cuda' or 'cuda:N'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidConfig("device", name, f"CUDA is not available here (torch {torch.__version__})")
-    if device.index is not None and device.type == "cuda" and device.index >= torch.cuda.device_count():
-        raise InvalidConfig("device", name, f"only {torch.cuda.device_count()} CUDA devices here")
-    return device
 
 
 class LLM:
@@ -74,34 +47,17 @@ class LLM:
         LLM: rank 0's constructor returns as usual, a rank >= 1's serves steps until rank 0
         closes, then raises SystemExit(0). Call close() (or use `with LLM(...) as llm:`) to stop
         the workers; they are also stopped when the LLM is collected and at exit."""
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "num_kv_blocks", "tensor_parallel_size"):
-            _positive(name, locals()[name])
-        device = _device(device)
+        sizes = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                     max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                     num_kv_blocks=num_kv_blocks, tensor_parallel_size=tensor_parallel_size)
+        device = check_arguments(sizes, device)          # before the model loads
         if model is None:
             from functional_llm.model.gguf import ensure_default_model
             model = ensure_default_model()
         path = Path(model)
         cfg = load_config(path)
-        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
-            raise InvalidConfig("max_model_len", max_model_len, "above the model's own limit "
-                                f"(max_position_embeddings={cfg.max_position_embeddings})")
-        dtype = resolve_dtype(dtype, device)
-        backend = (get_backend(attention_backend) if attention_backend
-                   else default_backend(device.type, dtype))
-        if backend.name == "flash" and dtype == torch.float32:
-            raise InvalidConfig("attention_backend", "flash", "flash-attn needs dtype bfloat16 or float16")
-        world = tensor_parallel_size
-        if world > 1:
-            check_split(cfg, world, device)   # before any process starts
-        # flash-attn 4's fast paged path reads whole 128-token pages; elsewhere 16 keeps prefix
-        # reuse fine-grained and tail waste small
-        block_size = block_size or (128 if backend.name == "flash" else DEFAULT_BLOCK_SIZE)
-        check_backend(backend, cfg, block_size)
-        spec = DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name,
-                          block_size, num_kv_blocks, max_num_seqs,
-                          max_num_batched_tokens or max(8192, block_size),
-                          max_model_len or cfg.max_position_embeddings, enforce_eager, world)
+        spec, backend = device_spec(path, cfg, device, dtype, attention_backend, enforce_eager, **sizes)
+        dtype, world = resolve_dtype(dtype, device), tensor_parallel_size
         if world == 1:
             runner, sched = build_runner(spec)
         else:

@@ -13,7 +13,7 @@ import torch
 
 from functional_llm.core.records import SchedConfig
 from functional_llm.errors import InvalidConfig
-from functional_llm.kernels import get_backend
+from functional_llm.kernels import default_backend, get_backend
 from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
@@ -87,10 +87,54 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
     return Runner(model_fns, kv, sched, device, cuda_graphs=graphs, compiled=compiled), sched
 
 
-def check_backend(backend, cfg, block_size: int) -> None:
-    """The InvalidConfig a block size or head shape the attention backend cannot serve would
-    meet on the first step, raised before anything is built."""
+DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste
+
+
+def check_arguments(sizes: dict, device) -> torch.device:
+    """The LLM's size arguments (positive ints or None) and its device (one this build can
+    use), checked before the model loads, so a typo costs nothing. Returns the device."""
+    for name, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidConfig(name, value, "must be a positive int")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise InvalidConfig("device", device, "expected 'cpu', 'cuda' or 'cuda:N'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfig("device", device, f"CUDA is not available here (torch {torch.__version__})")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InvalidConfig("device", device, f"only {torch.cuda.device_count()} CUDA devices here")
+    return parsed
+
+
+def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend, enforce_eager,
+                *, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
+                tensor_parallel_size) -> tuple[DeviceSpec, object]:
+    """(DeviceSpec, attention backend) from the LLM's arguments and the model's config, with
+    the defaults filled in; raises InvalidConfig for what the model, backend or device cannot
+    serve (before any weight loads or process starts)."""
+    if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+        raise InvalidConfig("max_model_len", max_model_len, "above the model's own limit "
+                            f"(max_position_embeddings={cfg.max_position_embeddings})")
+    dtype = resolve_dtype(dtype, device)
+    backend = (get_backend(attention_backend) if attention_backend
+               else default_backend(device.type, dtype))
+    if backend.name == "flash" and dtype == torch.float32:
+        raise InvalidConfig("attention_backend", "flash", "flash-attn needs dtype bfloat16 or float16")
+    if tensor_parallel_size > 1:
+        check_split(cfg, tensor_parallel_size, device)
+    # flash-attn 4's fast paged path reads whole 128-token pages
+    block_size = block_size or (128 if backend.name == "flash" else DEFAULT_BLOCK_SIZE)
     backend.check(block_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    return DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name,
+                      block_size, num_kv_blocks, max_num_seqs,
+                      max_num_batched_tokens or max(8192, block_size),
+                      max_model_len or cfg.max_position_embeddings, enforce_eager,
+                      tensor_parallel_size), backend
 
 
 def check_split(cfg, world: int, device: torch.device) -> None:
