@@ -49,11 +49,9 @@ def _read_json(path: pathlib.Path) -> dict:
 
 def _ids(value) -> tuple[int, ...]:
     """eos_token_id may be absent, one int or a list of ints."""
-    if value is None:
-        return ()
     if isinstance(value, int):
         return (value,)
-    return tuple(int(v) for v in value)
+    return tuple(int(v) for v in value or ())
 
 
 def _rope_theta(raw: dict, folder: pathlib.Path) -> float:
@@ -106,9 +104,8 @@ def load_config(path) -> ModelConfig:
             raise InvalidModel(key, None, f"{folder}/config.json has no '{key}'")
         return raw[key]
 
-    generation = {}
-    if (folder / "generation_config.json").is_file():
-        generation = _read_json(folder / "generation_config.json")
+    generation_file = folder / "generation_config.json"
+    generation = _read_json(generation_file) if generation_file.is_file() else {}
     eos = generation.get("eos_token_id", raw.get("eos_token_id"))
     bos = generation.get("bos_token_id", raw.get("bos_token_id"))
 
