@@ -115,12 +115,9 @@ def header_record(cfg: SchedConfig, shell: Optional[dict] = None, pipeline: bool
 
 
 def arrival_record(req: Request, step: int) -> dict:
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(req.params).items()}
     return {"kind": "arrive", "step": step, "rid": req.rid, "prompt": list(req.prompt),
-            "params": _json_params(req.params), "seed": req.seed, "arrival": req.arrival}
-
-
-def _json_params(params: SamplingParams) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(params).items()}
+            "params": params, "seed": req.seed, "arrival": req.arrival}
 
 
 def request_from_record(r: dict) -> Request:
@@ -291,8 +288,7 @@ def _sync_step(state, cfg, plan, r, step_tokens):
             return state, None, ("tokens", tokens, produced)
     if not plan.rids:  # the engine skips commit (and the device) for an empty plan
         return state, Deltas(), None
-    state, deltas = C.commit(state, cfg, plan, tokens)
-    return state, deltas, None
+    return (*C.commit(state, cfg, plan, tokens), None)
 
 
 @attrs.frozen(slots=True)
