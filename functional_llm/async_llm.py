@@ -160,14 +160,12 @@ class AsyncLLM:
                 if not llm.has_unfinished_requests():   # idle: sleep until a command arrives
                     self._batch.append(self._commands.get())
                 self._batch.extend(_drain(self._commands))
-                applied = bool(self._batch)
                 while self._batch:
                     command = self._batch.popleft()
                     if command is _SHUTDOWN:
                         return self._die("the engine was shut down", None)
                     self._apply(command)
-                if applied:
-                    self._counters = llm.counters
+                self._counters = llm.counters   # before answering: an abort's awaiter sees it
                 self._answer()
                 if llm.has_unfinished_requests():
                     outputs = llm.step()
