@@ -167,7 +167,7 @@ class TPRunner:
     def __init__(self, local, workers: _Workers):
         self.local, self._workers = local, workers
         workers.release_graphs = local.release_graphs
-        self._close = weakref.finalize(self, workers.shutdown)
+        self.close = weakref.finalize(self, workers.shutdown)   # runs once: close(), GC or exit
 
     model = property(lambda self: self.local.model)
     kv = property(lambda self: self.local.kv)
@@ -189,9 +189,6 @@ class TPRunner:
         except BaseException:        # interrupted half-way: the ranks are out of step
             workers.fail("a step was interrupted on rank 0; the workers were stopped")
             raise
-
-    def close(self) -> None:
-        self._close()
 
 
 def start(spec, build):
