@@ -97,9 +97,8 @@ def shard_spec(specs: dict[str, ParamSpec], rules: ShardingRules, world: int, *,
     for name, spec in specs.items():
         dims = [d for d, axis in enumerate(spec.axes) if rules.placement(axis) == TP]
         if len(dims) > 1:
-            split = [spec.axes[d] for d in dims]
-            raise InvalidConfig(name, spec.axes, f"the rules split axes {split} of this one "
-                                "tensor; at most one dimension per tensor can be split")
+            raise InvalidConfig(name, spec.axes, f"the rules split axes {[spec.axes[d] for d in dims]} "
+                                "of this one tensor; at most one dimension per tensor can be split")
         if not dims:
             plan[name] = None
             continue
