@@ -103,8 +103,7 @@ def config_from_json(d: dict, hash_fn: Optional[Callable] = None) -> SchedConfig
     """hash_fn: needed (and only accepted) when the trace was recorded with a custom one."""
     if (d.get("hash_fn") is None) != (hash_fn is None):
         raise TraceError("hash_fn", d.get("hash_fn"), "replay needs the recorded chain hash")
-    fields = {k: v for k, v in d.items() if k != "hash_fn"}
-    return SchedConfig(**{**fields, "eos_token_ids": tuple(fields["eos_token_ids"])}, hash_fn=hash_fn)
+    return SchedConfig(**{**d, "eos_token_ids": tuple(d["eos_token_ids"]), "hash_fn": hash_fn})
 
 
 def header_record(cfg: SchedConfig, shell: Optional[dict] = None, pipeline: bool = False) -> dict:
