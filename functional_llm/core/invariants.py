@@ -12,8 +12,7 @@ from functional_llm.core.records import BlockPool, Plan, SchedConfig, SchedState
 
 
 def check_pool(pool: BlockPool, hash_fn=chain_hash) -> None:
-    n = pool.num_blocks
-    free = {b for b in range(n) if pool.ref[b] == 0}
+    free = {b for b in range(pool.num_blocks) if pool.ref[b] == 0}
     # I1 partition: free = ref 0, counted exactly, and each free block has one live queue entry
     assert pool.num_free == len(free), f"I1: num_free {pool.num_free} != {len(free)}"
     live = [pool.queue[i] for i in range(pool.head, len(pool.queue))
