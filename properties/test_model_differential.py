@@ -24,7 +24,8 @@ from functional_llm.kernels import get_backend
 from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
-from functional_llm.runtime.engine import DeviceModel, Engine, Runner
+from functional_llm.runtime.engine import Engine
+from functional_llm.runtime.runner import DeviceModel, Runner
 from functional_llm.runtime.sampling import gumbel_noise
 from properties.profiles import budget
 from tests.tiny_models import make_tiny_model

@@ -40,7 +40,8 @@ from functional_llm.core.invariants import check_state
 from functional_llm.core.records import Deltas, Request, new_state
 from functional_llm.core.trace import state_digest
 from functional_llm.errors import InvalidPrompt, RequestTooLarge
-from functional_llm.runtime.engine import Engine, StepOut
+from functional_llm.runtime.engine import Engine
+from functional_llm.runtime.runner import StepOut
 from properties import sim
 from properties.profiles import budget
 from properties.sim import guarded

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from functional_llm import LLM, SamplingParams
-from functional_llm.runtime.engine import device_step
+from functional_llm.runtime.runner import device_step
 from functional_llm.runtime.graphs import StepGraphs, decode_buckets, mixed_buckets
 
 from tiny_models import make_tiny_model

@@ -7,7 +7,7 @@ import torch
 
 from functional_llm import LLM, SamplingParams
 from functional_llm.errors import InvalidSamplingParams
-from functional_llm.runtime import engine as engine_module
+from functional_llm.runtime import runner as runner_module
 
 from tiny_models import EOS_ID, build_tiny_model, make_tiny_model
 
@@ -68,8 +68,8 @@ def test_streamed_delta_logprobs_align_with_delta_tokens(folder):
 
 def test_requests_without_logprobs_compute_none(folder, monkeypatch):
     calls = []
-    real = engine_module.token_logprobs
-    monkeypatch.setattr(engine_module, "token_logprobs", lambda *a: calls.append(1) or real(*a))
+    real = runner_module.token_logprobs
+    monkeypatch.setattr(runner_module, "token_logprobs", lambda *a: calls.append(1) or real(*a))
     llm = LLM(str(folder), device="cpu", num_kv_blocks=64, block_size=4)
     out = llm.generate(PROMPTS, SamplingParams(max_tokens=4), use_tqdm=False)
     assert calls == [] and out[0].logprobs is None and out[0].prompt_logprobs is None

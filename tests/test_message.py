@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from functional_llm.runtime.engine import Feed
+from functional_llm.runtime.runner import Feed
 from functional_llm.runtime.message import HEADER_LEN, STEP, decode, encode
 from functional_llm.runtime.staging import HostInputs
 

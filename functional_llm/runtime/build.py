@@ -18,7 +18,7 @@ from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
 from functional_llm.model.sharding import cfg_for_rank, load_params_sharded
-from functional_llm.runtime.engine import DeviceModel, Runner
+from functional_llm.runtime.runner import DeviceModel, Runner
 
 CPU_KV_BYTES = 2 << 30           # default KV pool budget on CPU
 GPU_KV_FRACTION = 0.85           # of the memory free after loading weights

@@ -8,7 +8,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from functional_llm.runtime.engine import Feed
+from functional_llm.runtime.runner import Feed
 from functional_llm.runtime.staging import HostInputs
 
 STEP, STOP = 1, 2

@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 
 from functional_llm.errors import FunctionalLLMError, InvalidConfig
 from functional_llm.model.sharding import Mesh
-from functional_llm.runtime.engine import Feed
+from functional_llm.runtime.runner import Feed
 from functional_llm.runtime.groups import (STARTUP_TIMEOUT, Groups, join_groups, rank_device,
                                            torchrun_rank)
 from functional_llm.runtime.message import HEADER_LEN, STOP, decode, encode
