@@ -12,8 +12,12 @@ Four kernels, all reading the pool [N, S, K, D] through the block tables:
   special: query i of a chunk of q tokens sits at position seq_len - q + i.
 Every sequence takes both attention kernels, and each kernel skips the rows that are not its
 kind: which rows are decodes is known only on the device, and reading it back would be a host
-sync. So `forward` never syncs and launches a fixed set of kernels: it can be captured in a
-CUDA graph. Softmax is online, in fp32, in base 2 (the scale is folded with log2 e).
+sync. So `forward` never syncs and its launch shapes follow from the tensor shapes alone
+(T tokens, B rows): it can be captured in a CUDA graph for a padded bucket. Softmax is online,
+in fp32, in base 2 (the scale is folded with log2 e).
+`forward` is one registered operator, functional_llm::triton_attention (KV write + attention),
+which takes the whole pool and mutates it: torch.compile keeps it one node of the compiled step
+and, the pool being a graph input, writes it in place (a view would be copied back).
 """
 from __future__ import annotations
 
