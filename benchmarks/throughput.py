@@ -32,22 +32,23 @@ def workload(num_seqs):
     return prompts, [random.randint(100, 1024) for _ in range(num_seqs)]
 
 
-def random_model(folder) -> str:
-    """Random bf16 weights for every parameter the spec lists, saved as an HF folder."""
+def random_model(folder, config=QWEN3_06B, device="cuda") -> str:
+    """Random bf16 weights for every parameter the spec lists, saved as an HF folder (serve.py
+    passes a toy config and the CPU for its CPU runs)."""
     from functional_llm.model.config import load_config
     from functional_llm.model.loader import write_params
     from functional_llm.model.spec import param_specs
     with open(f"{folder}/config.json", "w") as f:
-        json.dump(QWEN3_06B, f)
+        json.dump(config, f)
     write_params(folder, {})         # a valid, empty weights file so the config can be read
     cfg = load_config(folder)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     params = {}
     for name, spec in param_specs(cfg).items():
         if spec.dtype_role == "norm":
-            t = torch.ones(spec.shape, device="cuda")
+            t = torch.ones(spec.shape, device=device)
         else:
-            t = torch.randn(spec.shape, device="cuda", generator=g) * 0.02
+            t = torch.randn(spec.shape, device=device, generator=g) * 0.02
         params[name] = t.to(torch.bfloat16).cpu()
     write_params(folder, params)
     return folder

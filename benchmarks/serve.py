@@ -1,0 +1,280 @@
+"""Online serving benchmark: a load generator for an OpenAI-compatible server.
+
+Starts `functional-llm serve` in its own process (or uses a running one with --url), sends a
+warm-up pass, then for each request rate sends the workload with Poisson arrivals (inf: all at
+once), streaming /v1/completions with token-id prompts, max_tokens and ignore_eos. Prints one
+JSON line per rate: request and output-token throughput, and TTFT / TPOT / ITL p50, p90, p99 in
+ms from the SSE chunks' arrival times; --plot writes latency against rate (the `plot` extra).
+
+On the GPU machine: random-weight Qwen3-0.6B plus a tokenizer with its 151,936-entry
+vocabulary, written to DIR first (later runs: --model DIR), the headline workload:
+    python benchmarks/serve.py --write-model /tmp/qwen3-0.6b-random --rates 4,8,16,32,inf \\
+        --server-args "--max-model-len 4096" --plot serve.png
+    python benchmarks/serve.py --model /tmp/qwen3-0.6b-random --workload shared-prefix ...
+On CPU, a toy model: --write-model DIR --tiny --vocab 1024 --num-prompts 4 --max-tokens 32
+--rates 2,inf. client_cpu_pct near 100 means the client, not the server, is the bottleneck.
+"""
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from throughput import QWEN3_06B, random_model, workload
+
+# --tiny: toy dimensions (Qwen3's shape kept: q/k norms, head_dim != hidden / heads) for CPU runs
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32)
+
+
+def write_model(folder, vocab=QWEN3_06B["vocab_size"], tiny=False) -> str:
+    """Random weights (throughput.random_model) plus a word-level tokenizer covering every id:
+    id i is the word "w{i}" and decoding joins words with spaces, so every generated token
+    streams as non-empty text. Qwen3's special tokens keep their ids (the last three below a
+    smaller --vocab); encoding words it does not know gives w0."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    bos = min(QWEN3_06B["bos_token_id"], vocab - 3)   # <|endoftext|>, <|im_start|>, <|im_end|>
+    special = {bos: "<|endoftext|>", bos + 1: "<|im_start|>", bos + 2: "<|im_end|>"}
+    os.makedirs(folder, exist_ok=True)
+    config = {**QWEN3_06B, **(TINY if tiny else {}), "vocab_size": vocab,
+              "bos_token_id": bos, "eos_token_id": bos + 2}
+    random_model(folder, config, "cuda" if torch.cuda.is_available() else "cpu")
+    tok = Tokenizer(models.WordLevel({special.get(i, f"w{i}"): i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}"
+                          "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant "
+                          "{% endif %}")
+    fast.save_pretrained(folder)
+    return folder
+
+
+def requests_for(args, vocab) -> list:
+    """(prompt ids, max_tokens) of the chosen workload, ids folded into a smaller vocabulary."""
+    if args.workload == "headline":   # drawn for all 256 as BENCHMARK.md, so n < 256 is its first n
+        prompts, outs = workload(256)
+        prompts, outs = prompts[:args.num_prompts], outs[:args.num_prompts]
+    else:                             # one long common prefix, short distinct suffixes
+        rng = random.Random(1)
+        prefix = [rng.randint(0, 10000) for _ in range(args.prefix_len)]
+        prompts = [prefix + [rng.randint(0, 10000) for _ in range(rng.randint(32, 256))]
+                   for _ in range(args.num_prompts)]
+        outs = [rng.randint(100, 1024) for _ in prompts]
+    return [([t % vocab for t in p], min(o, args.max_tokens or o)) for p, o in zip(prompts, outs)]
+
+
+async def one_request(client, url, model, prompt, max_tokens):
+    """Stream one completion: (send time, arrival time of each content chunk, output tokens, error).
+    Output tokens come from the final usage chunk (a chunk may carry several tokens)."""
+    body = dict(model=model, prompt=prompt, max_tokens=max_tokens, ignore_eos=True,
+                temperature=0.6, stream=True, stream_options={"include_usage": True})
+    start, times, tokens, error = time.monotonic(), [], None, None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                return start, times, 0, f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    times.append(time.monotonic())
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if "error" in chunk:
+                    error = chunk["error"].get("message", "error event")
+    except httpx.HTTPError as e:
+        error = repr(e)
+    return start, times, len(times) if tokens is None else tokens, error
+
+
+async def send_shard(url, model, shard, t0):
+    """Send each request at its scheduled time whether or not earlier ones have finished (an
+    open loop). No connection limit or timeout: at rate inf every stream is open at once."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        tasks = []
+        for at, prompt, max_tokens in shard:
+            delay = t0 + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one_request(client, url, model, prompt, max_tokens)))
+        return await asyncio.gather(*tasks)
+
+
+def client_proc(url, model, shard, t0):
+    """One client process's share, on its own event loop: one Python process parses only ~10k
+    SSE chunks/s through httpx, less than a GPU server streams at saturation."""
+    cpu = time.process_time()
+    results = asyncio.run(send_shard(url, model, shard, t0))
+    return results, time.process_time() - cpu
+
+
+def run_rate(pool, procs, url, model, reqs, rate, seed=0):
+    """reqs at `rate`, dealt round-robin to the client processes: (records, seconds from the
+    first send to the last chunk, the busiest client process's CPU seconds)."""
+    rng = random.Random(seed)   # exponential gaps: a Poisson process (inf: all at once)
+    gaps = [0.0 if math.isinf(rate) else rng.expovariate(rate) for _ in reqs]
+    items = [(at, p, m) for at, (p, m) in zip(itertools.accumulate([0.0] + gaps[1:]), reqs)]
+    t0 = time.monotonic() + 0.2   # one clock for all processes (CLOCK_MONOTONIC is system-wide)
+    outs = [f.result() for f in [pool.submit(client_proc, url, model, items[k::procs], t0)
+                                 for k in range(procs)]]
+    results = [r for rs, _ in outs for r in rs]
+    end = max(t[-1] if t else s for s, t, _, _ in results)
+    return results, end - t0, max(cpu for _, cpu in outs)
+
+
+def summarize(results, duration) -> dict:
+    """Throughput and latency (ms) from one_request's records. TTFT: send to first content
+    chunk. TPOT: (e2e - TTFT) / (tokens - 1) per request, e2e ending at the last content chunk.
+    ITL: every gap between consecutive content chunks (as vLLM's benchmark counts them)."""
+    ok = [(s, t, n) for s, t, n, err in results if err is None and t]
+    ttft = [t[0] - s for s, t, n in ok]
+    tpot = [(t[-1] - t[0]) / (n - 1) for s, t, n in ok if n > 1]
+    itl = [b - a for _, t, _ in ok for a, b in zip(t, t[1:])]
+    out = dict(completed=len(ok), failed=len(results) - len(ok), duration_s=round(duration, 3),
+               req_s=round(len(ok) / duration, 3),
+               output_tok_s=round(sum(n for _, _, n in ok) / duration, 1))
+    for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
+        for q in (50, 90, 99):
+            out[f"{name}_p{q}_ms"] = round(1e3 * float(np.percentile(xs, q)), 2) if xs else None
+    return out
+
+
+def counters(url) -> dict:
+    """The server's preemption and prefix-cache counters (they explain latency at high rates)."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    pattern = r"^functional_llm:(num_preemptions_total|prefix_cache_(?:queries|hits)_total) (\S+)$"
+    return {k: float(v) for k, v in re.findall(pattern, text, re.M)}
+
+
+def client_main(args, url, vocab) -> list:
+    model = args.served_model_name or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    reqs = requests_for(args, vocab)
+    ctx = multiprocessing.get_context("spawn")   # the parent may hold CUDA (--write-model)
+    with concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=ctx) as pool:
+        # warm-up: short requests, ids shifted so they share no prefix-cache blocks with the sweep
+        warm = [([(20000 + t) % vocab for t in p[:64]], 16) for p, _ in reqs[:32]]
+        run_rate(pool, args.client_procs, url, model, warm, math.inf)
+        rows = []
+        for i, rate in enumerate(args.rates):
+            # a first token per rate: no rate reuses the prefix-cache blocks of an earlier one
+            batch = [([(10001 + i) % vocab] + p[1:], m) for p, m in reqs]
+            before = counters(url)
+            results, duration, cpu = run_rate(pool, args.client_procs, url, model, batch, rate, seed=i)
+            row = dict(rate="inf" if math.isinf(rate) else rate, workload=args.workload,
+                       **summarize(results, duration), client_cpu_pct=round(100 * cpu / duration, 1))
+            after = counters(url)
+            row.update({k: after[k] - before.get(k, 0) for k in after})
+            errors = [e for *_, e in results if e is not None]
+            if errors:
+                row["first_error"] = errors[0]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        return rows
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x = range(len(rows))   # rates as categories: "inf" has no place on a numeric axis
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name in zip(axes, ("ttft", "tpot")):
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            ax.plot(x, [r[f"{name}_{q}_ms"] or math.nan for r in rows], style, label=f"{name.upper()} {q}")
+        ax.set_xticks(list(x), [str(r["rate"]).removesuffix(".0") for r in rows])
+        ax.set(xlabel="request rate (req/s)", ylabel="ms", yscale="log", title=name.upper())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def start_server(args):
+    """`functional-llm serve` in its own process; returns it and its URL once /health answers."""
+    with socket.socket() as s:           # a free port, unless one was asked for
+        s.bind(("127.0.0.1", args.port))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "functional_llm.cli", "serve", "--model", args.model,
+           "--port", str(port), *shlex.split(args.server_args)]
+    proc = subprocess.Popen(cmd, stdout=sys.stderr)   # server logs to stderr: stdout is the JSON lines
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + args.startup_timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    sys.exit(f"server did not become healthy (exit code {proc.poll()}): {shlex.join(cmd)}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model folder for the server this script starts")
+    ap.add_argument("--url", help="use a running server instead, e.g. http://127.0.0.1:8000")
+    ap.add_argument("--write-model", metavar="DIR", help="write the random model + tokenizer to DIR, serve it")
+    ap.add_argument("--vocab", type=int, help="vocabulary size (written model; folds prompt ids); "
+                    "default: the model's config.json, else 151936")
+    ap.add_argument("--tiny", action="store_true", help="--write-model with toy dimensions (CPU)")
+    ap.add_argument("--workload", choices=("headline", "shared-prefix"), default="headline")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: common prefix tokens")
+    ap.add_argument("--max-tokens", type=int, help="cap on each request's output length (CPU runs)")
+    ap.add_argument("--rates", type=lambda s: [float(r) for r in s.split(",")], default="1,2,4,8,inf")
+    ap.add_argument("--plot", metavar="PATH", help="PNG of TTFT and TPOT p50/p99 against rate")
+    ap.add_argument("--client-procs", type=int, default=max(1, min(8, os.cpu_count() // 2)),
+                    help="client processes sharing the requests")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--server-args", default="", help="more `functional-llm serve` options, one string")
+    ap.add_argument("--served-model-name", help="model name to send (default: /v1/models' first)")
+    ap.add_argument("--startup-timeout", type=float, default=900)
+    args = ap.parse_args()
+    if args.write_model:
+        args.model = write_model(args.write_model, args.vocab or QWEN3_06B["vocab_size"], args.tiny)
+    if bool(args.model) == bool(args.url):
+        ap.error("give exactly one of --model / --write-model and --url")
+    vocab = args.vocab
+    if vocab is None and args.model:
+        with open(os.path.join(args.model, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+    proc, url = start_server(args) if args.model else (None, args.url.rstrip("/"))
+    try:
+        rows = client_main(args, url, vocab or QWEN3_06B["vocab_size"])
+    finally:
+        if proc is not None:   # SIGTERM: the server finishes or aborts what is in flight, then exits
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if args.plot and rows:
+        plot(rows, args.plot, f"{args.workload} workload, {rows[0]['completed'] + rows[0]['failed']} "
+                              "requests per rate")
+
+
+if __name__ == "__main__":
+    main()
