@@ -1,5 +1,6 @@
 """functional-llm command line: `functional-llm generate "PROMPT" [--model PATH]`,
-`functional-llm chat [--model PATH]` and `functional-llm replay TRACE [--model PATH]`.
+`functional-llm chat [--model PATH]`, `functional-llm replay TRACE [--model PATH]` and
+`functional-llm serve [OPTIONS]` (functional_llm/serve/main.py).
 
 Arguments are checked by argparse (usage message, exit code 2) before any model loads."""
 from __future__ import annotations
@@ -55,6 +56,10 @@ def _model_options() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:   # its own parser: the LLM's options come from its signature
+        from functional_llm.serve.main import main as serve
+        return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="functional-llm")
     sub = parser.add_subparsers(dest="command", required=True)
     common = _model_options()
@@ -66,6 +71,7 @@ def main(argv=None) -> int:
                                                          "/exit, Ctrl-D or Ctrl-C leaves")
     chat.add_argument("--system", default=None, help="a system message opening the conversation")
     chat.set_defaults(max_tokens=256)
+    sub.add_parser("serve", help="an OpenAI-compatible HTTP server ('serve --help' lists its options)")
     rep = sub.add_parser("replay", help="replay a trace (LLM(trace=PATH)) and report the first "
                                         "step that does not reproduce; exit code 1 if one")
     rep.add_argument("path")

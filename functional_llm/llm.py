@@ -85,7 +85,7 @@ class LLM:
         # rid -> OutputState of every live request (outputs.apply); replaced, never mutated
         self._outputs = immutables.Map()
         self._decode = (functools.partial(self.tokenizer.decode, skip_special_tokens=True)
-                        if self.tokenizer is not None else _no_text)
+                        if self.tokenizer is not None else lambda ids: "")   # weight-only: token ids only
         quiet_collector()
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -128,9 +128,10 @@ class LLM:
 
     @property
     def counters(self) -> dict:
-        out = attrs.asdict(self.engine.counters)
-        out["blocks_in_use"] = self.engine.blocks_in_use
-        return out
+        """The engine's Counters plus gauges of its state now (the server's /metrics reads them)."""
+        state = self.engine.state
+        return dict(attrs.asdict(state.counters), blocks_in_use=state.blocks_in_use, num_blocks=
+                    state.pool.num_blocks, num_running=len(state.running), num_waiting=len(state.waiting))
 
     # -- batch API ------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -291,10 +292,6 @@ def quiet_collector() -> None:
     # machine's CPU (benchmarks/throughput.py --gaps: gc_max_ms): a 50 ms hole in the device's
     # work. generate() therefore pauses the collector for its run (the per-step records are
     # acyclic: reference counting frees them) and restores it after.
-
-
-def _no_text(ids) -> str:
-    return ""    # a weight-only model folder: outputs are token ids only
 
 
 def _bad_params(params):

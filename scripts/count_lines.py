@@ -28,7 +28,7 @@ def code_lines(path: pathlib.Path) -> int:
 
 def main() -> int:
     per_folder = {}
-    for f in sorted(root.rglob("*.py")):
+    for f in sorted(f for f in root.rglob("*.py") if "serve" not in f.relative_to(root).parts[:1]):
         rel = f.relative_to(root)
         key = rel.parts[0] if len(rel.parts) > 1 else "(top)"
         per_folder[key] = per_folder.get(key, 0) + code_lines(f)

@@ -135,10 +135,6 @@ class Engine:
         return self.state.counters
 
     @property
-    def blocks_in_use(self) -> int:
-        return self.state.blocks_in_use
-
-    @property
     def kv(self) -> torch.Tensor:
         return self.runner.kv
 

@@ -1,0 +1,380 @@
+"""The OpenAI-compatible HTTP app over one AsyncLLM: routes, errors, streaming, disconnects.
+
+Each choice of a request is one AsyncLLM.generate call (n > 1: n calls sharing the prompt, so
+the prefix cache shares its blocks). The engine loop runs in its own thread; this event loop
+only parses, renders and waits. A client that goes away is noticed from the ASGI disconnect
+message itself, raced against the work (`_unless_disconnected`, `_SSE`): the work task is
+cancelled, which closes its generate calls, and AsyncLLM aborts them before its next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from typing import AsyncIterator, Optional
+
+import attrs
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from functional_llm.errors import EngineDead, FunctionalLLMError, QueueFull
+from functional_llm.serve.metrics import Metrics
+from functional_llm.serve.protocol import (UNLIMITED, APIError, ChatCompletionRequest,
+                                           CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                           chat_logprobs, completion_logprobs, envelope, new_id,
+                                           usage)
+
+
+@attrs.frozen
+class ServeConfig:
+    model_name: str
+    api_key: Optional[str] = None
+    max_body_bytes: int = 4 << 20
+    shutdown_timeout: float = 10.0
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+@attrs.define
+class _Choice:
+    """One choice being generated: its prompt, params, and what has come so far."""
+    index: int
+    prompt_ids: list
+    params: object
+    text: str = ""
+    token_ids: list = attrs.Factory(list)
+    logprobs: list = attrs.Factory(list)
+    finish_reason: Optional[str] = None
+
+
+class Server:
+    """The app's state: the engine, a tokenizer of its own (the engine's belongs to the loop
+    thread), metrics, and whether it is draining or its engine has died."""
+
+    def __init__(self, engine, tokenizer, config: ServeConfig):
+        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        self.metrics = Metrics(engine)
+        self.draining = False
+        self.dead: Optional[str] = None
+        self.live: set[str] = set()    # request ids in the engine, aborted when draining ends
+
+    def begin_shutdown(self) -> None:
+        """New requests get 503; those in flight run for up to shutdown_timeout, then are
+        aborted (a stream ends with an error event). Call on the event loop's thread."""
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().create_task(self._abort_after_timeout())
+
+    async def _abort_after_timeout(self) -> None:
+        await asyncio.sleep(self.config.shutdown_timeout)
+        for rid in list(self.live):
+            await self.engine.abort(rid)
+
+    # -- request checks -------------------------------------------------------------------------
+    def guard(self, request: Request) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type="service_unavailable")
+        key = self.config.api_key
+        if key is not None:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                raise APIError(401, "missing or wrong API key", type="authentication_error")
+        if self.dead is not None:
+            raise APIError(503, f"the engine has stopped: {self.dead}", type="engine_dead")
+
+    async def body(self, request: Request, record):
+        """The body parsed into `record`: 413 past max_body_bytes (read no further), 400 for
+        malformed JSON or a field of the wrong type (naming it)."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the body is over {limit} bytes", type="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the body is over {limit} bytes", type="request_too_large")
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except ValueError as e:
+            raise APIError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object")
+        try:
+            req = record.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]   # loc: the field, then where inside it (a union's branch...)
+            raise APIError(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}", str(err["loc"][0])) from None
+        if req.model is not None and req.model != self.config.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist", "model", "not_found_error")
+        return req
+
+    def encode(self, prompt) -> list:
+        if not isinstance(prompt, str):
+            return list(prompt)            # token ids: the engine checks their range
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send token ids", "prompt")
+        return self.tokenizer.encode(prompt)
+
+    def encode_chat(self, messages: list) -> list:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:   # the template's own checks (roles, order) raise what they like
+            raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- generation -----------------------------------------------------------------------------
+    async def outputs(self, choices: list, rid: str) -> AsyncIterator:
+        """(choice, RequestOutput) from every choice's generate call as they come. Closing or
+        cancelling this generator cancels the calls (AsyncLLM aborts their requests)."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: _Choice) -> None:
+            request_id, timer, last = f"{rid}-{choice.index}", self.metrics.request(), None
+            self.live.add(request_id)
+            try:
+                async for last in self.engine.generate(choice.prompt_ids, choice.params, request_id):
+                    timer.observe(last)
+                    await queue.put((choice, last))
+                if last is None or not last.finished:   # ended by engine.abort: shutdown
+                    raise APIError(503, "aborted: the server is shutting down", type="service_unavailable")
+            except Exception as e:
+                await queue.put((choice, e))
+            finally:
+                self.live.discard(request_id)
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            unfinished = len(choices)
+            while unfinished:
+                choice, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                unfinished -= item.finished
+                yield choice, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def build_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
+    """The FastAPI app serving `engine` (an AsyncLLM the caller owns and shuts down)."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.loop = asyncio.get_running_loop()   # where a signal handler hands the shutdown
+        yield
+
+    app = FastAPI(title="functional_llm", docs_url=None, redoc_url=None, lifespan=lifespan)
+    server = app.state.server = Server(engine, tokenizer, config)
+    app.state.loop = None
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):   # unknown routes, wrong methods
+        status = e.status_code
+        return JSONResponse(APIError(status, str(e.detail), type="not_found_error" if status == 404
+                                     else "invalid_request_error").body(), status_code=status)
+
+    @app.get("/health")
+    async def health():
+        if server.dead is not None:
+            return JSONResponse({"status": "unhealthy", "reason": server.dead}, status_code=503)
+        return {"status": "draining" if server.draining else "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.guard(request)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "functional_llm"}]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        server.guard(request)
+        req = await server.body(request, TokenizeRequest)
+        if req.messages is not None:
+            ids = server.encode_chat(ChatCompletionRequest(messages=req.messages).conversation())
+        elif req.prompt is not None:
+            if server.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer", "prompt")
+            ids = server.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise APIError(400, "give prompt or messages", "prompt")
+        return {"tokens": ids, "count": len(ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        server.guard(request)
+        req = await server.body(request, DetokenizeRequest)
+        if server.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", "tokens")
+        return {"prompt": server.tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        server.guard(request)
+        req = await server.body(request, CompletionRequest)
+        req.refuse_unsupported()
+        prompts = [server.encode(p) for p in req.prompts()]
+        return await _generate(server, request, req, prompts, req.max_tokens, req.logprobs, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        server.guard(request)
+        req = await server.body(request, ChatCompletionRequest)
+        req.refuse_unsupported()
+        prompt = server.encode_chat(req.conversation())
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        return await _generate(server, request, req, [prompt],
+                               req.max_completion_tokens or req.max_tokens or UNLIMITED, k, chat=True)
+
+    return app
+
+
+async def _generate(server: Server, request: Request, req, prompts: list, max_tokens: int,
+                    k: Optional[int], chat: bool):
+    """Run every choice (prompt i, sample j: index i * n + j) and answer, streamed or whole."""
+    try:
+        params = req.params(max_tokens, k)
+    except FunctionalLLMError as e:
+        raise APIError(400, str(e), e.parameter) from None
+    choices = [_Choice(i * req.n + j, ids, p) for i, ids in enumerate(prompts) for j, p in enumerate(params)]
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    model, num_prompt = server.config.model_name, sum(map(len, prompts))
+    stream = server.outputs(choices, rid)
+    try:
+        if req.stream:   # the first output (or the request's error) before the 200 goes out
+            first = await _unless_disconnected(request, _engine_errors(server, anext(stream)))
+        else:
+            await _unless_disconnected(request, _engine_errors(server, _drain(stream, k)))
+    except _ClientGone:
+        return Response(status_code=499)
+    if not req.stream:
+        body = [_choice_body(c, k, chat, final=True) for c in choices]
+        return envelope("chat.completion" if chat else "text_completion", rid, model, body,
+                        usage(num_prompt, sum(len(c.token_ids) for c in choices)))
+
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+    async def events():
+        try:
+            if chat:   # the role comes first, once per choice (as OpenAI sends it)
+                yield _sse(envelope(kind, rid, model, [{"index": c.index, "delta": {"role": "assistant",
+                           "content": ""}, "logprobs": None, "finish_reason": None} for c in choices]))
+            item = first
+            while item is not None:
+                choice, out = item
+                piece = _take(choice, out, k)
+                if piece["text"] or out.finished:
+                    yield _sse(envelope(kind, rid, model, [_choice_body(choice, k, chat, piece=piece)]))
+                item = await _engine_errors(server, anext(stream, None))
+            if include_usage:
+                yield _sse(envelope(kind, rid, model, [], usage(num_prompt, sum(len(c.token_ids) for c in choices))))
+        except APIError as e:   # the 200 is out: the stream ends with an error event
+            yield _sse(e.body())
+        finally:
+            await stream.aclose()
+        yield "data: [DONE]\n\n"
+
+    return _SSE(events(), media_type="text/event-stream")
+
+
+def _take(choice: _Choice, out, k) -> dict:
+    """Fold one output into its choice; returns the new piece (text, token ids, logprobs)."""
+    piece = {"text": out.delta_text, "token_ids": list(out.delta_token_ids),
+             "logprobs": list(out.delta_logprobs or ()), "offset": len(choice.text)}
+    choice.text += out.delta_text
+    choice.token_ids += piece["token_ids"]
+    choice.logprobs += piece["logprobs"]
+    choice.finish_reason = out.finish_reason
+    return piece
+
+
+def _choice_body(choice: _Choice, k, chat: bool, final: bool = False, piece: Optional[dict] = None) -> dict:
+    """One choice as the API shows it: the whole (final) or one streamed piece."""
+    part = piece or {"text": choice.text, "token_ids": choice.token_ids, "logprobs": choice.logprobs,
+                     "offset": 0}
+    logprobs = None
+    if k is not None:
+        logprobs = (chat_logprobs(part["token_ids"], part["logprobs"], k) if chat else
+                    completion_logprobs(part["token_ids"], part["logprobs"], k, part["offset"]))
+    body = {"index": choice.index, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+    if not chat:
+        body["text"] = part["text"]
+    elif final:
+        body["message"] = {"role": "assistant", "content": part["text"]}
+    else:
+        body["delta"] = {"content": part["text"]} if part["text"] else {}
+    return body
+
+
+async def _drain(stream: AsyncIterator, k) -> None:
+    async for choice, out in stream:
+        _take(choice, out, k)
+
+
+async def _engine_errors(server: Server, awaitable):
+    """The engine's errors as API errors: a parameter's -> 400 naming it, QueueFull -> 429,
+    EngineDead -> 503 (and /health turns unhealthy)."""
+    try:
+        return await awaitable
+    except QueueFull as e:
+        raise APIError(429, str(e), e.parameter, "rate_limit_error") from None
+    except FunctionalLLMError as e:
+        raise APIError(400, str(e), e.parameter) from None
+    except EngineDead as e:
+        server.dead = str(e)
+        raise APIError(503, f"the engine has stopped: {e}", type="engine_dead") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the ASGI server reports that the client has gone."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """awaitable's result, unless the client disconnects first: then the work is cancelled
+    (closing its generate calls) and _ClientGone raised."""
+    work, gone = asyncio.ensure_future(awaitable), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        raise _ClientGone()
+    return work.result()
+
+
+class _SSE(StreamingResponse):
+    """A stream that always races the body against the client's disconnect message (Starlette
+    skips the race for ASGI servers of spec 2.4, noticing only when a send fails: one token
+    late at best, never while the engine is busy elsewhere)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope = dict(scope, asgi=dict(scope.get("asgi", {}), spec_version="2.3"))
+        await super().__call__(scope, receive, send)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
