@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 
+import attrs
 import pytest
 
 pytest.importorskip("fastapi")
@@ -138,13 +139,14 @@ def test_chat_equals_offline_chat(served, offline):
 
 
 def test_sampling_fields_reach_the_engine(served, offline):
-    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, min_p=0.02, seed=11, max_tokens=20,
-                            min_tokens=5, ignore_eos=True, stop=["a", "e"])
-    want = offline.generate("Once upon", params, use_tqdm=False)[0]
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, min_p=0.3, seed=11, max_tokens=20,
+                            min_tokens=5, ignore_eos=True)
+    stop = offline.generate("Once upon", params, use_tqdm=False)[0].text[10:12]   # it will stop there
+    want = offline.generate("Once upon", attrs.evolve(params, stop=[stop]), use_tqdm=False)[0]
     got = served.client.completions.create(
-        model=NAME, prompt="Once upon", temperature=0.9, top_p=0.9, seed=11, max_tokens=20, stop=["a", "e"],
-        extra_body=dict(top_k=20, min_p=0.02, min_tokens=5, ignore_eos=True, some_unknown_field=1))
-    assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason
+        model=NAME, prompt="Once upon", temperature=0.9, top_p=0.9, seed=11, max_tokens=20, stop=stop,
+        extra_body=dict(top_k=20, min_p=0.3, min_tokens=5, ignore_eos=True, some_unknown_field=1))
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -295,11 +297,18 @@ def test_shutting_down_is_503_and_in_flight_streams_end_with_an_error(model):
 def test_engine_failure_turns_health_unhealthy_and_fails_fast(model):
     with serving(model) as s:
         assert httpx.get(s.url + "/health").status_code == 200
+        real, calls = s.engine._llm.step, []
 
         def failing_step():
-            raise RuntimeError("injected device failure")
+            calls.append(1)
+            if len(calls) > 5:
+                raise RuntimeError("injected device failure")
+            return real()
         s.engine._llm.step = failing_step
-        assert_error(s.post("/v1/completions", {"prompt": "Hi"}), 503)
+        stream = s.client.completions.create(model=NAME, prompt="Hi", max_tokens=50, stream=True)
+        with pytest.raises(openai.APIError, match="engine has stopped"):   # mid-stream: an error event
+            for _ in stream:
+                pass
         health = httpx.get(s.url + "/health")
         assert health.status_code == 503 and "injected" in health.json()["reason"]
         start = time.monotonic()
@@ -394,3 +403,41 @@ def test_cli_options_follow_the_llm_signature():
     assert (args.host, args.port, args.shutdown_timeout) == ("127.0.0.1", 8000, 10.0)
     assert byte_size("500kB") == 500_000 and byte_size("1048576") == 1 << 20
     assert main(["serve", "--port", "notaport"]) == 2 and main(["serve", "--help"]) == 0
+
+
+def test_sigterm_stops_the_cli_server_cleanly(model):
+    """functional-llm serve in its own process: SIGTERM ends an in-flight stream (finished, or
+    aborted with an error event after --shutdown-timeout) and the server shuts down."""
+    import signal
+    import subprocess
+    import sys
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "functional_llm.cli", "serve", "--model", model,
+                             "--port", str(port), "--block-size", "4", "--num-kv-blocks", "256",
+                             "--shutdown-timeout", "0.5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            time.sleep(0.1)
+        body = {"prompt": "Hi", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        last = json.loads(rest[-2].removeprefix("data: "))
+        assert "error" in last or last["choices"][0]["finish_reason"] == "length", last
+        assert proc.wait(15) in (0, -signal.SIGTERM)   # uvicorn re-raises the signal when done
+        assert b"Application shutdown complete" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

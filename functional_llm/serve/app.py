@@ -167,12 +167,16 @@ class Server:
                 task.cancel()
 
 
-def build_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
-    """The FastAPI app serving `engine` (an AsyncLLM the caller owns and shuts down)."""
+def build_app(engine, tokenizer, config: ServeConfig, owns_engine: bool = False) -> FastAPI:
+    """The FastAPI app serving `engine`, an AsyncLLM; with owns_engine the app shuts it down
+    when the server stops (after the open requests have ended), else the caller does."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.loop = asyncio.get_running_loop()   # where a signal handler hands the shutdown
         yield
+        if owns_engine:
+            engine.shutdown()
 
     app = FastAPI(title="functional_llm", docs_url=None, redoc_url=None, lifespan=lifespan)
     server = app.state.server = Server(engine, tokenizer, config)

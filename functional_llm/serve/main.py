@@ -3,7 +3,9 @@
 The LLM's options are generated from `LLM.__init__`'s signature and type hints, so an option
 added there appears here without an edit. SIGINT / SIGTERM (uvicorn's handlers) start a
 graceful shutdown: new requests get 503, those in flight run for up to --shutdown-timeout and
-are then aborted (streams end with an error event), then the engine is shut down."""
+are then aborted (streams end with an error event), then the engine is shut down. As uvicorn
+does, the signal is raised again at the end: after SIGINT the command returns 0, SIGTERM ends
+the process as SIGTERM does (exit status 143)."""
 from __future__ import annotations
 
 import argparse
@@ -86,12 +88,14 @@ def main(argv=None) -> int:
         name = args.served_model_name or Path(options["model"]).name
         app = build_app(engine, _tokenizer(Path(options["model"])), ServeConfig(
             model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-            shutdown_timeout=args.shutdown_timeout))
+            shutdown_timeout=args.shutdown_timeout), owns_engine=True)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                 timeout_graceful_shutdown=args.shutdown_timeout + 2)
         make_server(config, app).run()
+    except KeyboardInterrupt:   # uvicorn re-raises the signal once it has shut down (SIGTERM
+        pass                    # then ends the process as the signal does)
     finally:
-        engine.shutdown()
+        engine.shutdown()       # idempotent: normally the app has done it
     return 0
 
 
