@@ -236,7 +236,8 @@ def build_app(engine, tokenizer, config: ServeConfig, owns_engine: bool = False)
         req = await server.body(request, CompletionRequest)
         req.refuse_unsupported()
         prompts = [server.encode(p) for p in req.prompts()]
-        return await _generate(server, request, req, prompts, req.max_tokens, req.logprobs, chat=False)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens   # OpenAI's default, also for null
+        return await _generate(server, request, req, prompts, max_tokens, req.logprobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -256,8 +257,8 @@ async def _generate(server: Server, request: Request, req, prompts: list, max_to
     """Run every choice (prompt i, sample j: index i * n + j) and answer, streamed or whole."""
     try:
         params = req.params(max_tokens, k)
-    except FunctionalLLMError as e:
-        raise APIError(400, str(e), e.parameter) from None
+    except FunctionalLLMError as e:   # chat's top_logprobs is the engine's logprobs
+        raise APIError(400, str(e), "top_logprobs" if chat and e.parameter == "logprobs" else e.parameter) from None
     choices = [_Choice(i * req.n + j, ids, p) for i, ids in enumerate(prompts) for j, p in enumerate(params)]
     rid = new_id("chatcmpl" if chat else "cmpl")
     model, num_prompt = server.config.model_name, sum(map(len, prompts))
