@@ -1,10 +1,9 @@
-"""The OpenAI-compatible HTTP app over one AsyncLLM: routes, errors, streaming, disconnects.
+"""The OpenAI-compatible HTTP app over one AsyncLLM: routes, request checks, errors, draining.
 
 Each choice of a request is one AsyncLLM.generate call (n > 1: n calls sharing the prompt, so
 the prefix cache shares its blocks). The engine loop runs in its own thread; this event loop
-only parses, renders and waits. A client that goes away is noticed from the ASGI disconnect
-message itself, raced against the work (`_unless_disconnected`, `_SSE`): the work task is
-cancelled, which closes its generate calls, and AsyncLLM aborts them before its next step.
+only parses, renders and waits. How a request is run and answered (streams, disconnects)
+is respond.py's part.
 """
 from __future__ import annotations
 
@@ -16,17 +15,15 @@ from typing import AsyncIterator, Optional
 
 import attrs
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from functional_llm.errors import EngineDead, FunctionalLLMError, QueueFull
 from functional_llm.serve.metrics import Metrics
 from functional_llm.serve.protocol import (UNLIMITED, APIError, ChatCompletionRequest,
-                                           CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                           chat_logprobs, completion_logprobs, envelope, new_id,
-                                           usage)
+                                           CompletionRequest, DetokenizeRequest, TokenizeRequest)
+from functional_llm.serve.respond import respond
 
 
 @attrs.frozen
@@ -35,22 +32,6 @@ class ServeConfig:
     api_key: Optional[str] = None
     max_body_bytes: int = 4 << 20
     shutdown_timeout: float = 10.0
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
-
-
-@attrs.define
-class _Choice:
-    """One choice being generated: its prompt, params, and what has come so far."""
-    index: int
-    prompt_ids: list
-    params: object
-    text: str = ""
-    token_ids: list = attrs.Factory(list)
-    logprobs: list = attrs.Factory(list)
-    finish_reason: Optional[str] = None
 
 
 class Server:
@@ -139,7 +120,7 @@ class Server:
         cancelling this generator cancels the calls (AsyncLLM aborts their requests)."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(choice: _Choice) -> None:
+        async def pump(choice) -> None:   # one respond._Choice
             request_id, timer, last = f"{rid}-{choice.index}", self.metrics.request(), None
             self.live.add(request_id)
             try:
@@ -237,7 +218,7 @@ def build_app(engine, tokenizer, config: ServeConfig, owns_engine: bool = False)
         req.refuse_unsupported()
         prompts = [server.encode(p) for p in req.prompts()]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens   # OpenAI's default, also for null
-        return await _generate(server, request, req, prompts, max_tokens, req.logprobs, chat=False)
+        return await respond(server, request, req, prompts, max_tokens, req.logprobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -246,140 +227,7 @@ def build_app(engine, tokenizer, config: ServeConfig, owns_engine: bool = False)
         req.refuse_unsupported()
         prompt = server.encode_chat(req.conversation())
         k = (req.top_logprobs or 0) if req.logprobs else None
-        return await _generate(server, request, req, [prompt],
+        return await respond(server, request, req, [prompt],
                                req.max_completion_tokens or req.max_tokens or UNLIMITED, k, chat=True)
 
     return app
-
-
-async def _generate(server: Server, request: Request, req, prompts: list, max_tokens: int,
-                    k: Optional[int], chat: bool):
-    """Run every choice (prompt i, sample j: index i * n + j) and answer, streamed or whole."""
-    try:
-        params = req.params(max_tokens, k)
-    except FunctionalLLMError as e:   # chat's top_logprobs is the engine's logprobs
-        raise APIError(400, str(e), "top_logprobs" if chat and e.parameter == "logprobs" else e.parameter) from None
-    choices = [_Choice(i * req.n + j, ids, p) for i, ids in enumerate(prompts) for j, p in enumerate(params)]
-    rid = new_id("chatcmpl" if chat else "cmpl")
-    model, num_prompt = server.config.model_name, sum(map(len, prompts))
-    stream = server.outputs(choices, rid)
-    try:
-        if req.stream:   # the first output (or the request's error) before the 200 goes out
-            first = await _unless_disconnected(request, _engine_errors(server, anext(stream)))
-        else:
-            await _unless_disconnected(request, _engine_errors(server, _drain(stream, k)))
-    except _ClientGone:
-        return Response(status_code=499)
-    if not req.stream:
-        body = [_choice_body(c, k, chat, final=True) for c in choices]
-        return envelope("chat.completion" if chat else "text_completion", rid, model, body,
-                        usage(num_prompt, sum(len(c.token_ids) for c in choices)))
-
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    include_usage = req.stream_options is not None and req.stream_options.include_usage
-
-    async def events():
-        try:
-            if chat:   # the role comes first, once per choice (as OpenAI sends it)
-                yield _sse(envelope(kind, rid, model, [{"index": c.index, "delta": {"role": "assistant",
-                           "content": ""}, "logprobs": None, "finish_reason": None} for c in choices]))
-            item = first
-            while item is not None:
-                choice, out = item
-                piece = _take(choice, out, k)
-                if piece["text"] or out.finished:
-                    yield _sse(envelope(kind, rid, model, [_choice_body(choice, k, chat, piece=piece)]))
-                item = await _engine_errors(server, anext(stream, None))
-            if include_usage:
-                yield _sse(envelope(kind, rid, model, [], usage(num_prompt, sum(len(c.token_ids) for c in choices))))
-        except APIError as e:   # the 200 is out: the stream ends with an error event
-            yield _sse(e.body())
-        finally:
-            await stream.aclose()
-        yield "data: [DONE]\n\n"
-
-    return _SSE(events(), media_type="text/event-stream")
-
-
-def _take(choice: _Choice, out, k) -> dict:
-    """Fold one output into its choice; returns the new piece (text, token ids, logprobs)."""
-    piece = {"text": out.delta_text, "token_ids": list(out.delta_token_ids),
-             "logprobs": list(out.delta_logprobs or ()), "offset": len(choice.text)}
-    choice.text += out.delta_text
-    choice.token_ids += piece["token_ids"]
-    choice.logprobs += piece["logprobs"]
-    choice.finish_reason = out.finish_reason
-    return piece
-
-
-def _choice_body(choice: _Choice, k, chat: bool, final: bool = False, piece: Optional[dict] = None) -> dict:
-    """One choice as the API shows it: the whole (final) or one streamed piece."""
-    part = piece or {"text": choice.text, "token_ids": choice.token_ids, "logprobs": choice.logprobs,
-                     "offset": 0}
-    logprobs = None
-    if k is not None:
-        logprobs = (chat_logprobs(part["token_ids"], part["logprobs"], k) if chat else
-                    completion_logprobs(part["token_ids"], part["logprobs"], k, part["offset"]))
-    body = {"index": choice.index, "logprobs": logprobs, "finish_reason": choice.finish_reason}
-    if not chat:
-        body["text"] = part["text"]
-    elif final:
-        body["message"] = {"role": "assistant", "content": part["text"]}
-    else:
-        body["delta"] = {"content": part["text"]} if part["text"] else {}
-    return body
-
-
-async def _drain(stream: AsyncIterator, k) -> None:
-    async for choice, out in stream:
-        _take(choice, out, k)
-
-
-async def _engine_errors(server: Server, awaitable):
-    """The engine's errors as API errors: a parameter's -> 400 naming it, QueueFull -> 429,
-    EngineDead -> 503 (and /health turns unhealthy)."""
-    try:
-        return await awaitable
-    except QueueFull as e:
-        raise APIError(429, str(e), e.parameter, "rate_limit_error") from None
-    except FunctionalLLMError as e:
-        raise APIError(400, str(e), e.parameter) from None
-    except EngineDead as e:
-        server.dead = str(e)
-        raise APIError(503, f"the engine has stopped: {e}", type="engine_dead") from None
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the ASGI server reports that the client has gone."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, awaitable):
-    """awaitable's result, unless the client disconnects first: then the work is cancelled
-    (closing its generate calls) and _ClientGone raised."""
-    work, gone = asyncio.ensure_future(awaitable), asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-    if work.cancelled():
-        raise _ClientGone()
-    return work.result()
-
-
-class _SSE(StreamingResponse):
-    """A stream that always races the body against the client's disconnect message (Starlette
-    skips the race for ASGI servers of spec 2.4, noticing only when a send fails: one token
-    late at best, never while the engine is busy elsewhere)."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        scope = dict(scope, asgi=dict(scope.get("asgi", {}), spec_version="2.3"))
-        await super().__call__(scope, receive, send)
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
