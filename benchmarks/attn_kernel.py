@@ -13,6 +13,7 @@ tile config (keys per tile, warps, pipeline stages, splits) for tuning.
 
     python benchmarks/attn_kernel.py [--block-size 16|128] [--num-seqs 256] [--context 850]
                                      [--sweep] [--no-reference]
+    python benchmarks/attn_kernel.py --prefill [--prefill-tokens 8192] [--num-seqs 8]
 Prints a few `key=value` lines; the last is the summary.
 """
 import argparse
@@ -22,7 +23,7 @@ import torch
 
 from functional_llm.kernels.base import AttnBatch
 from functional_llm.kernels.reference import ReferenceBackend
-from functional_llm.kernels.triton_attn import TritonBackend, choose_num_splits
+from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits
 
 H, K, D = 16, 8, 128
 
@@ -74,7 +75,40 @@ def make_batch(num_seqs: int, context: int, S: int):
     q = torch.randn(num_seqs, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(num_seqs, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(num_seqs, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    return q, k, v, kv[0], kv[1], batch
+    return q, k, v, kv[None], batch        # pool [1, 2, N, S, K, D]: one layer
+
+
+def prefill(args, copy_bw):
+    """--prefill: causal attention over fresh prompts of --prefill-tokens tokens in all, split
+    into --num-seqs sequences, written to the paged pool (the KV write included): the triton
+    backend's forward against flash-attn 4's varlen kernel over the same q/k/v held
+    contiguously (no pages), both replayed from CUDA graphs. FLOP/s counts the causal half."""
+    from flash_attn.cute import flash_attn_varlen_func
+    T, B, S = args.prefill_tokens, args.num_seqs, args.block_size
+    n = T // B
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pages = math.ceil(n / S)
+    pool = torch.zeros(1, 2, B * pages + 1, S, K, D, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(B * pages, device="cuda", generator=g).view(B, pages).to(torch.int32)
+    pos = torch.arange(n, device="cuda")
+    slots = (tables[:, pos // S].long() * S + pos % S).reshape(-1)
+    cu = torch.arange(0, T + 1, n, dtype=torch.int32, device="cuda")
+    batch = AttnBatch(slot_mapping=slots, cu_q=cu, seq_lens=torch.full((B,), n, dtype=torch.int32,
+                      device="cuda"), block_tables=tables, max_q=n, max_seq_len=n)
+    q, k, v = (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16, generator=g) for h in (H, K, K))
+    backend, scale = TritonBackend(), D ** -0.5
+    ours = lambda: backend.forward(q, k, v, pool, 0, batch, scale)  # noqa: E731
+    flash = lambda: flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,  # noqa: E731
+                                           max_seqlen_q=n, max_seqlen_k=n, softmax_scale=scale,
+                                           causal=True)
+    out, ref = ours(), flash()
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    flops = B * 2 * 2 * H * D * n * n / 2
+    times = {"triton": time_us(ours, args.iters, graph=True), "flash4": time_us(flash, args.iters, graph=True)}
+    print(f"prefill tokens={T} seqs={B} block_size={S} " + " ".join(
+          f"{name}={us:.1f}us {flops / (us * 1e-6) / 1e12:.1f}TFLOP/s" for name, us in times.items())
+          + f" triton/flash4={times['triton'] / times['flash4']:.2f}x"
+          f" max_abs_diff={(out.float() - ref.float()).abs().max().item():.2e}", flush=True)
 
 
 def main():
@@ -85,11 +119,16 @@ def main():
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--prefill", action="store_true", help="prefill attention vs flash-attn 4 varlen")
+    ap.add_argument("--prefill-tokens", type=int, default=8192)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bw = copy_bandwidth()
     torch.cuda.empty_cache()          # give the copy's 4 GiB back before the pool is made
-    q, k, v, k_cache, v_cache, batch = make_batch(args.num_seqs, args.context, args.block_size)
+    if args.prefill:
+        return prefill(args, copy_bw)
+    q, k, v, pool, batch = make_batch(args.num_seqs, args.context, args.block_size)
+    k_cache, v_cache = pool[0, 0], pool[0, 1]
     kv_bytes = args.num_seqs * args.context * K * D * 2 * 2
     scale = D ** -0.5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -103,8 +142,8 @@ def main():
         return f"{label}={us:.1f}us {bw / 1e12:.3f}TB/s {100 * bw / copy_bw:.1f}%copy"
 
     def attend_fn(backend):
-        prepared = backend.prepare(batch)
-        return lambda: backend.attend(q, k_cache, v_cache, prepared, scale)
+        return lambda: attend(q, k_cache, v_cache, batch.cu_q, batch.seq_lens, batch.block_tables,
+                              batch.max_seq_len, scale, backend.tiles)
 
     if args.sweep:
         for block_n in (32, 64, 128):
@@ -121,9 +160,8 @@ def main():
                               f"splits={splits} failed: {type(e).__name__}: {str(e)[:80]}")
 
     backend = TritonBackend()
-    prepared = backend.prepare(batch)
-    forward = lambda: backend.forward(q, k, v, k_cache, v_cache, prepared, scale)  # noqa: E731
-    ours = backend.forward(q, k, v, k_cache, v_cache, prepared, scale)
+    forward = lambda: backend.forward(q, k, v, pool, 0, batch, scale)  # noqa: E731
+    ours = forward()
     parts = [f"splits={choose_num_splits(args.num_seqs, K, args.context, sms)}",
              line("attend_graph", time_us(attend_fn(backend), args.iters, graph=True)),
              line("attend_eager", time_us(attend_fn(backend), args.iters)),
@@ -131,8 +169,8 @@ def main():
     if not args.no_reference:
         ref_backend = ReferenceBackend()
         ref_prepared = ref_backend.prepare(batch)
-        ref = ref_backend.forward(q, k, v, k_cache, v_cache, ref_prepared, scale)
-        us = time_us(lambda: ref_backend.forward(q, k, v, k_cache, v_cache, ref_prepared, scale),
+        ref = ref_backend.forward(q, k, v, pool, 0, ref_prepared, scale)
+        us = time_us(lambda: ref_backend.forward(q, k, v, pool, 0, ref_prepared, scale),
                      max(10, args.iters // 10))
         parts += [line("reference_forward_eager", us),
                   f"max_abs_diff_vs_reference={(ours.float() - ref.float()).abs().max().item():.2e}"]
