@@ -103,19 +103,16 @@ RECORDERS = {False: record_run, True: record_pipelined_run}
 @settings(max_examples=budget(150))
 @given(cfg=sim.sched_configs(), script=st.lists(events, max_size=30))
 def test_I14_generated_traces_replay_exactly(cfg, script):
-    records, final = record_run(cfg, script)
-    back = [T.decode(T.encode(r)) for r in records]
-    assert back == records, "I14: a record does not survive JSON"
-    report = T.replay(back)
-    assert report.ok, f"I14: {report.divergence}"
-    assert report.steps == sum(r["kind"] == "step" for r in records)
-    assert T.state_digest(report.state) == T.state_digest(final)
+    _replays_exactly(*record_run(cfg, script))
 
 
 @settings(max_examples=budget(100))
 @given(cfg=sim.sched_configs(), script=st.lists(events, max_size=30))
 def test_I14_generated_pipelined_traces_replay_exactly(cfg, script):
-    records, final = record_pipelined_run(cfg, script)
+    _replays_exactly(*record_pipelined_run(cfg, script))
+
+
+def _replays_exactly(records, final):
     back = [T.decode(T.encode(r)) for r in records]
     assert back == records, "I14: a record does not survive JSON"
     report = T.replay(back)

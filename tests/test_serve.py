@@ -22,6 +22,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from functional_llm import LLM, AsyncLLM, SamplingParams  # noqa: E402
 from functional_llm.serve.app import ServeConfig, build_app  # noqa: E402
+from tests.test_async_llm import slow_steps  # noqa: E402
 from tests.tiny_models import add_char_tokenizer, make_tiny_model  # noqa: E402
 
 SMALL = dict(block_size=4, num_kv_blocks=1024)
@@ -91,15 +92,6 @@ def serving(model, api_key=None, max_waiting=None, step_delay=0.0, **config):
         server.should_exit = True
         thread.join(10)
         engine.shutdown()
-
-
-def slow_steps(engine, seconds):
-    real = engine._llm.step
-
-    def step():
-        time.sleep(seconds)
-        return real()
-    engine._llm.step = step
 
 
 @pytest.fixture(scope="module")
