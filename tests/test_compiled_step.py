@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 
+import attrs
 import numpy as np
 import pytest
 import torch
 
 from functional_llm import LLM, SamplingParams
-from functional_llm.runtime.runner import device_step
+from functional_llm.kernels.reference import ReferenceBackend
+from functional_llm.runtime.runner import compile_step, device_step, piecewise
 from functional_llm.runtime.graphs import StepGraphs, decode_buckets, mixed_buckets
 
 from tiny_models import make_tiny_model
@@ -84,3 +86,76 @@ def test_every_step_traces_whole_and_pads_exactly(llm, monkeypatch):
 def _device_inputs(host):
     from functional_llm.runtime.staging import to_device
     return to_device(host, "cpu")
+
+
+# The reference backend behind a registered op, as the triton backend's attention is: the
+# compiled step's graph is cut there. The op reads the step's prepared plan from _PLAN
+# (host data no op argument can carry; the test sets it before each call).
+_PLAN = [None]
+
+
+@torch.library.custom_op("functional_llm::reference_attention_for_tests", mutates_args=("kv",))
+def _reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+                  layer: int, scale: float) -> torch.Tensor:
+    return ReferenceBackend().forward(q, k, v, kv, layer, _PLAN[0], scale)
+
+
+@_reference_op.register_fake
+def _(q, k, v, kv, layer, scale):
+    return torch.empty_like(q)
+
+
+class OpBackend(ReferenceBackend):
+    def forward(self, q, k, v, kv, layer, batch, scale):
+        return torch.ops.functional_llm.reference_attention_for_tests(q, k, v, kv, layer, scale)
+
+
+def test_piecewise_compile_cuts_at_attention_and_repeats_pieces(tmp_path, monkeypatch):
+    """The compiled step's backend (runner.piecewise) on a 3-layer model: every step of a
+    generate, compiled piece by piece, gives the eager step's tokens and KV; each sampler mode
+    compiles 4 pieces around 3 ops; the post-AOT graphs Inductor caches on are the same for
+    the two middle pieces (layer to layer) and, but the last, for the two modes."""
+    from torch._dynamo.backends.common import aot_autograd
+    folder = make_tiny_model("qwen3", tmp_path, num_layers=3)
+    llm = LLM(str(folder), device="cpu", max_num_batched_tokens=24, max_num_seqs=8,
+              num_kv_blocks=64, block_size=4)
+    runner, sched = llm.engine.runner, llm.engine.sched
+    codes = []
+
+    def record(piece, example_inputs):            # AOT-trace the piece, then run it as is
+        def keep(gm, _):
+            codes.append(gm.code)
+            return gm
+        return aot_autograd(fw_compiler=keep)(piece, example_inputs)
+
+    model = attrs.evolve(runner.model, backend=OpBackend())
+    compiled = compile_step(model, backend=functools.partial(piecewise, compiler=record))
+    graphs = StepGraphs(None, sched.max_num_seqs, sched.max_num_batched_tokens,
+                        -(-sched.max_model_len // sched.block_size), sched.num_blocks,
+                        sched.block_size, sched.max_model_len, "cpu", mark_dynamic=True)
+    scratch = torch.zeros_like(runner.kv[:, :, :1])
+    eager_launch, modes = runner.launch, []
+
+    def launch(host, feed=None):
+        kv = torch.cat([runner.kv, scratch], dim=2)
+        out = eager_launch(host, feed)
+        decode, size, unfiltered = graphs.stage(host)
+        inputs = graphs.inputs(decode, size, unfiltered)
+        _PLAN[0] = ReferenceBackend().prepare(inputs.attn)
+        tokens = compiled(kv, inputs)[0]
+        assert torch.equal(tokens[:len(host.sample_rows)], out.tokens)
+        torch.testing.assert_close(kv[:, :, :-1], runner.kv, rtol=1e-5, atol=1e-5)
+        modes.append(unfiltered)
+        return out
+
+    monkeypatch.setattr(runner, "launch", launch)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(2, 250, n).tolist() for n in (30, 5, 17, 9)]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=5, seed=4, max_tokens=7, ignore_eos=True)] * 2
+    llm.generate(prompts, params, use_tqdm=False)
+    assert set(modes) == {True, False} and len(modes) > 5
+    assert len(codes) == 8                         # 2 modes x (3 layers + 1) pieces, no recompile
+    first, second = codes[:4], codes[4:]
+    assert first[1] == first[2] and first[0] != first[1]
+    assert first[:3] == second[:3] and first[3] != second[3]

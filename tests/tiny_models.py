@@ -34,15 +34,16 @@ VARIANTS = {
 }
 
 
-def build_tiny_model(arch: str, seed: int = 0, init_std: float = 0.25) -> torch.nn.Module:
+def build_tiny_model(arch: str, seed: int = 0, init_std: float = 0.25,
+                     num_layers: int = 2) -> torch.nn.Module:
     """A random fp32 model of variant `arch`, deterministic in `seed`. Weights are drawn here
     (not by transformers' initialiser) so norms and biases are non-trivial too, and with a
     large std so logits are peaked and greedy outputs change from step to step."""
     config_cls, model_cls, fields = VARIANTS[arch]
     fields = dict(fields)
     rope = {"rope_type": "default", "rope_theta": fields.pop("rope_theta")}
-    config = config_cls(**_COMMON, **fields, rope_parameters=rope, initializer_range=init_std,
-                        dtype="float32")
+    config = config_cls(**{**_COMMON, "num_hidden_layers": num_layers}, **fields,
+                        rope_parameters=rope, initializer_range=init_std, dtype="float32")
     model = model_cls(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -57,11 +58,12 @@ def build_tiny_model(arch: str, seed: int = 0, init_std: float = 0.25) -> torch.
     return model
 
 
-def make_tiny_model(arch: str, folder, seed: int = 0, init_std: float = 0.25) -> pathlib.Path:
+def make_tiny_model(arch: str, folder, seed: int = 0, init_std: float = 0.25,
+                    num_layers: int = 2) -> pathlib.Path:
     """Save a tiny model of variant `arch` ("qwen3", "qwen2", "llama", "llama-mqa") to `folder`
     as safetensors plus generation_config.json; returns the folder."""
     folder = pathlib.Path(folder)
-    model = build_tiny_model(arch, seed, init_std)
+    model = build_tiny_model(arch, seed, init_std, num_layers)
     model.save_pretrained(str(folder))
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID).save_pretrained(str(folder))
     return folder

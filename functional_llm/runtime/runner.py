@@ -54,20 +54,55 @@ class StepOut:
     prompt: tuple | None = None
 
 
-def compile_step(model: DeviceModel, backend: str = "inductor"):
-    """device_step as one torch.compile'd function (fullgraph: any graph break is an error):
-    Inductor fuses norms, rope, residual adds, activation, casts and the sampler's passes
-    with their neighbours; attention (+ KV write) stays one registered op per layer and the
-    collectives are functional. Shapes of tokens and rows are dynamic (the graphs mark them),
-    so one compile per sampler mode serves every bucket. Each call compiles a fresh copy of
-    device_step's code object: Dynamo keeps compiled entries (and counts recompiles) per code
-    object, so each LLM's compiled step lives and dies with it, and a process that makes
-    many LLMs never reaches the recompile limit."""
+def compile_step(model: DeviceModel, backend: str | None = None):
+    """device_step as one torch.compile'd function (fullgraph: any graph break is an error),
+    by default through `piecewise` (Inductor): it fuses norms, rope, residual adds,
+    activation, casts and the sampler's passes with their neighbours; attention (+ KV write)
+    stays one registered op per layer and the collectives are functional. Shapes of tokens
+    and rows are dynamic (the graphs mark them), so one compile per sampler mode serves every
+    bucket. Each call compiles a fresh copy of device_step's code object: Dynamo keeps
+    compiled entries (and counts recompiles) per code object, so each LLM's compiled step
+    lives and dies with it, and a process that makes many LLMs never reaches the recompile
+    limit."""
     def step(kv: torch.Tensor, inputs: StepInputs) -> tuple:
         return device_step(model, kv, inputs)
     fresh = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None,
                                step.__closure__)
-    return torch.compile(fresh, fullgraph=True, backend=backend)
+    return torch.compile(fresh, fullgraph=True, backend=backend or piecewise)
+
+
+def piecewise(gm: torch.fx.GraphModule, example_inputs: list, compiler=None):
+    """The compiled step's torch.compile backend. Dynamo traces the whole step as one graph;
+    it is cut at each registered op (attention + KV write: opaque to Inductor anyway, so no
+    fusion is lost) and Inductor compiles the pieces between the cuts one by one. The pieces
+    from one layer's attention to the next are the same graph in every layer, so all but the
+    first come from Inductor's cache, and the two sampler modes share every piece but the
+    last: start-up compiles about three layers' worth per mode instead of the whole model.
+    The ops run between the pieces as they are, writing the pool in place. compiler(piece,
+    example inputs) -> callable: Inductor's compile_fx unless given (tests)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.passes.split_module import split_module
+    compiler = compiler or compile_fx
+    piece, ids, opaque = 0, {}, set()
+    for node in gm.graph.nodes:
+        cut = node.op == "call_function" and str(node.target).startswith("functional_llm.")
+        ids[node] = piece = piece + cut
+        opaque |= {f"submod_{piece}"} if cut else set()
+        piece += cut
+    split = split_module(gm, None, ids.__getitem__, keep_original_order=True)
+
+    class CompilePieces(torch.fx.Interpreter):     # runs the pieces on fake inputs
+        def call_module(self, target, args, kwargs):
+            out = super().call_module(target, args, kwargs)
+            if target not in opaque:
+                split.__dict__[target] = compiler(getattr(split, target), list(args))
+            return out
+
+    fake_mode = torch._guards.detect_fake_mode()
+    with fake_mode, torch._dispatch.python.enable_python_dispatcher():
+        CompilePieces(split).run(*[fake_mode.from_tensor(t) if isinstance(t, torch.Tensor)
+                                   else t for t in example_inputs])
+    return split
 
 
 @attrs.frozen(slots=True)
