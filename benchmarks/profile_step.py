@@ -1,5 +1,9 @@
-"""Where a decode-heavy run spends its time: host phases (cProfile) and device kernels
-(torch.profiler), on a reduced headline workload. python benchmarks/profile_step.py [backend]"""
+"""Where a run spends its time, on the GPU: python benchmarks/profile_step.py [backend]
+
+1. Host phases (cProfile) and device time per kernel class (torch.profiler; kernels inside
+   graph replays included) for 256 requests of 64 tokens each (the headline's prompts).
+2. Kernels per layer of a batch-1 decode step: one request decoding 16 and then 80 tokens;
+   the extra kernels / 64 steps / layers."""
 import cProfile
 import pstats
 import sys
@@ -12,17 +16,67 @@ from throughput import random_model, workload  # noqa: E402
 
 from functional_llm import LLM, SamplingParams  # noqa: E402
 
+# kernel name fragments -> class (first match wins; Inductor's fused kernels are triton_*)
+CLASSES = [("attention (KV write, decode, combine, prefill)", ("_write_kv", "_decode", "_combine", "_prefill", "flash")),
+           ("GEMM", ("gemm", "cutlass", "nvjet", "sm90", "sm80", "cublas", "matmul", "splitk")),
+           ("fused norms/rope/act/sampler (Inductor)", ("triton_",)),
+           ("collectives", ("nccl",)),
+           ("copies/fills", ("memcpy", "memset", "copy", "fill"))]
+
+
+def kernels(prof) -> list:
+    """(name, calls, device us) of every kernel the profile saw."""
+    return [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+
+
+def by_class(rows) -> dict:
+    out = {}
+    for name, count, us in rows:
+        cls = next((c for c, keys in CLASSES if any(k in name.lower() for k in keys)), "other")
+        calls, total = out.get(cls, (0, 0.0))
+        out[cls] = (calls + count, total + us)
+    return out
+
+
+def profiled(llm, prompts, params):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+    return kernels(prof)
+
+
 backend = sys.argv[1] if len(sys.argv) > 1 else None
 folder = random_model(tempfile.mkdtemp())
 llm = LLM(folder, attention_backend=backend, max_model_len=4096)
+layers = llm.engine.runner.model.cfg.num_layers
 prompts, outs = workload(256)
 params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=64) for _ in outs]
-llm.generate([[20000 + t for t in p] for p in prompts], params, use_tqdm=False)  # capture graphs
+llm.generate([[20000 + t for t in p] for p in prompts], params, use_tqdm=False)  # warm-up
 prof = cProfile.Profile()
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
-    prof.enable()
-    llm.generate(prompts, params, use_tqdm=False)
-    prof.disable()
-pstats.Stats(prof).sort_stats("tottime").print_stats(14)
-pstats.Stats(prof).sort_stats("cumtime").print_stats("engine.py|graphs.py|scheduler.py|commit.py|staging.py", 10)
-print(tp.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+prof.enable()
+rows = profiled(llm, prompts, params)
+prof.disable()
+pstats.Stats(prof).sort_stats("tottime").print_stats(10)
+total = sum(us for _, _, us in rows)
+print(f"device time {total / 1e3:.1f} ms in {sum(c for _, c, _ in rows)} kernels, by class:")
+for cls, (calls, us) in sorted(by_class(rows).items(), key=lambda kv: -kv[1][1]):
+    print(f"  {cls:48s} {us / 1e3:9.1f} ms {100 * us / total:5.1f}%  {calls} calls")
+print("top kernels:")
+for name, count, us in sorted(rows, key=lambda r: -r[2])[:16]:
+    print(f"  {us / 1e3:9.1f} ms {count:7d}  {name[:110]}")
+
+one = [[7 + i for i in range(32)]]
+short, long_ = (profiled(llm, one, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n)])
+                for n in (16, 80))
+count = {cls: calls for cls, (calls, _) in by_class(long_).items()}
+for cls, (calls, _) in by_class(short).items():
+    count[cls] -= calls
+steps = 64
+print(f"batch-1 decode: {sum(count.values()) / steps / layers:.2f} kernels per layer "
+      f"({sum(count.values()) / steps:.0f} per step, {layers} layers); per step by class: "
+      + ", ".join(f"{c}: {n / steps:.1f}" for c, n in count.items()))
+us = {cls: us for cls, (_, us) in by_class(long_).items()}
+for cls, (_, s) in by_class(short).items():
+    us[cls] -= s
+print("batch-1 decode step, device us by class: "
+      + ", ".join(f"{c}: {u / steps:.0f}" for c, u in us.items()))
