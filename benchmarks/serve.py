@@ -5,12 +5,21 @@ warm-up pass, then for each request rate sends the workload with Poisson arrival
 once), streaming /v1/completions with token-id prompts, max_tokens and ignore_eos. Prints one
 JSON line per rate: request and output-token throughput, and TTFT / TPOT / ITL p50, p90, p99 in
 ms from the SSE chunks' arrival times; --plot writes latency against rate (the `plot` extra).
+--offline first times `LLM.generate` on the same requests with the same engine options (parsed
+from --server-args by the server's own parser) in a process of its own, before the server
+starts, and reports the server's all-at-once tok/s as a percentage of it (issue 12 item 5: what
+serving costs). --out DIR writes DIR/serve.json (every row, the offline run, the percentage)
+and DIR/serve.png.
 
 On the GPU machine: random-weight Qwen3-0.6B plus a tokenizer with its 151,936-entry
 vocabulary, written to DIR first (later runs: --model DIR), the headline workload:
     python benchmarks/serve.py --write-model /tmp/qwen3-0.6b-random --rates 4,8,16,32,inf \\
         --server-args "--max-model-len 4096" --plot serve.png
     python benchmarks/serve.py --model /tmp/qwen3-0.6b-random --workload shared-prefix ...
+Serving cost against offline generate, same call (share TORCHINDUCTOR_CACHE_DIR: the server
+then starts from the offline process's compiled kernels; rates run in the order given):
+    python benchmarks/serve.py --write-model /tmp/qwen3-0.6b-random --offline --rates inf,32,16,8,4 \\
+        --server-args "--max-model-len 4096 --attention-backend triton" --out results/
 On CPU, a toy model: --write-model DIR --tiny --vocab 1024 --num-prompts 4 --max-tokens 32
 --rates 2,inf. client_cpu_pct near 100 means the client, not the server, is the bottleneck.
 """
@@ -55,6 +64,8 @@ def write_model(folder, vocab=QWEN3_06B["vocab_size"], tiny=False) -> str:
     config = {**QWEN3_06B, **(TINY if tiny else {}), "vocab_size": vocab,
               "bos_token_id": bos, "eos_token_id": bos + 2}
     random_model(folder, config, "cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()   # the engines run in other processes: leave them the memory
     tok = Tokenizer(models.WordLevel({special.get(i, f"w{i}"): i for i in range(vocab)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="<|endoftext|>",
@@ -168,14 +179,53 @@ def counters(url) -> dict:
     return {k: float(v) for k, v in re.findall(pattern, text, re.M)}
 
 
+def warmup_requests(reqs, vocab) -> list:
+    """The first 32 prompts, whole (first prefills of long prompts are slow: keep them out of
+    the timed runs), 16 tokens each, ids shifted so they share no prefix-cache blocks with the
+    timed ones. The server and --offline's generate both get this pass."""
+    return [([(20000 + t) % vocab for t in p], 16) for p, _ in reqs[:32]]
+
+
+def offline_run(model, server_args, reqs, warm) -> dict:
+    """LLM.generate on reqs (sampled as the server's requests are) after generating `warm`,
+    timed as throughput.py times it. The engine options are the server's: `functional-llm
+    serve`'s parser reads --server-args. Run in a process of its own, before the server."""
+    import torch
+
+    from functional_llm import LLM, SamplingParams
+    from functional_llm.serve.main import parser
+    ap, names = parser()
+    opts = ap.parse_args(["--model", model, *shlex.split(server_args)])
+    t0 = time.perf_counter()
+    llm = LLM(**{name: getattr(opts, name) for name in names})
+    startup = time.perf_counter() - t0
+
+    def generate(batch):
+        params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for _, m in batch]
+        return llm.generate([p for p, _ in batch], params, use_tqdm=False)
+
+    generate(warm)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    n_out = sum(len(r.token_ids) for r in generate(reqs))
+    sync()
+    dt = time.perf_counter() - t
+    engine = llm.engine
+    out = dict(output_tokens=n_out, seconds=round(dt, 3), output_tok_s=round(n_out / dt, 1),
+               startup_s=round(startup, 1), backend=getattr(engine.runner.model.backend, "name", None),
+               cuda_graphs=getattr(engine.runner, "graphs", None) is not None, steps=llm.counters["steps"],
+               preemptions=llm.counters["preemptions"], engine_options=server_args)
+    llm.close()
+    return out
+
+
 def client_main(args, url, vocab) -> list:
     model = args.served_model_name or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
     reqs = requests_for(args, vocab)
     ctx = multiprocessing.get_context("spawn")   # the parent may hold CUDA (--write-model)
     with concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=ctx) as pool:
-        # warm-up: short requests, ids shifted so they share no prefix-cache blocks with the sweep
-        warm = [([(20000 + t) % vocab for t in p[:64]], 16) for p, _ in reqs[:32]]
-        run_rate(pool, args.client_procs, url, model, warm, math.inf)
+        run_rate(pool, args.client_procs, url, model, warmup_requests(reqs, vocab), math.inf)
         rows = []
         for i, rate in enumerate(args.rates):
             # a first token per rate: no rate reuses the prefix-cache blocks of an earlier one
@@ -194,17 +244,25 @@ def client_main(args, url, vocab) -> list:
         return rows
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, offline_tok_s=None):
+    """TTFT and TPOT p50/p99 against rate, and output tok/s (offline generate's as a line)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = sorted(rows, key=lambda r: math.inf if r["rate"] == "inf" else r["rate"])
     x = range(len(rows))   # rates as categories: "inf" has no place on a numeric axis
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, name in zip(axes, ("ttft", "tpot")):
         for q, style in (("p50", "o-"), ("p99", "s--")):
             ax.plot(x, [r[f"{name}_{q}_ms"] or math.nan for r in rows], style, label=f"{name.upper()} {q}")
+        ax.set(ylabel="ms", yscale="log", title=name.upper())
+    axes[2].plot(x, [r["output_tok_s"] for r in rows], "o-", label="through the server")
+    if offline_tok_s:
+        axes[2].axhline(offline_tok_s, color="gray", linestyle=":", label="offline generate")
+    axes[2].set(ylabel="output tok/s", title="throughput", ylim=(0, None))
+    for ax in axes:
         ax.set_xticks(list(x), [str(r["rate"]).removesuffix(".0") for r in rows])
-        ax.set(xlabel="request rate (req/s)", ylabel="ms", yscale="log", title=name.upper())
+        ax.set(xlabel="request rate (req/s)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -246,6 +304,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, help="cap on each request's output length (CPU runs)")
     ap.add_argument("--rates", type=lambda s: [float(r) for r in s.split(",")], default="1,2,4,8,inf")
     ap.add_argument("--plot", metavar="PATH", help="PNG of TTFT and TPOT p50/p99 against rate")
+    ap.add_argument("--offline", action="store_true", help="first time LLM.generate on the same "
+                    "requests and engine options (own process); report the server's inf-rate %% of it")
+    ap.add_argument("--out", metavar="DIR", help="write DIR/serve.json and DIR/serve.png")
     ap.add_argument("--client-procs", type=int, default=max(1, min(8, os.cpu_count() // 2)),
                     help="client processes sharing the requests")
     ap.add_argument("--port", type=int, default=0)
@@ -257,13 +318,24 @@ def main():
         args.model = write_model(args.write_model, args.vocab or QWEN3_06B["vocab_size"], args.tiny)
     if bool(args.model) == bool(args.url):
         ap.error("give exactly one of --model / --write-model and --url")
+    if args.offline and not args.model:
+        ap.error("--offline needs --model or --write-model (the GPU must be free of a server)")
     vocab = args.vocab
     if vocab is None and args.model:
         with open(os.path.join(args.model, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
+    vocab = vocab or QWEN3_06B["vocab_size"]
+    report = dict(workload=args.workload, num_prompts=args.num_prompts, server_args=args.server_args)
+    if args.offline:
+        reqs = requests_for(args, vocab)
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            report["offline"] = pool.submit(offline_run, args.model, args.server_args, reqs,
+                                            warmup_requests(reqs, vocab)).result()
+        print(json.dumps({"offline": report["offline"]}), flush=True)
     proc, url = start_server(args) if args.model else (None, args.url.rstrip("/"))
     try:
-        rows = client_main(args, url, vocab or QWEN3_06B["vocab_size"])
+        rows = client_main(args, url, vocab)
     finally:
         if proc is not None:   # SIGTERM: the server finishes or aborts what is in flight, then exits
             proc.send_signal(signal.SIGTERM)
@@ -271,9 +343,33 @@ def main():
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    if args.plot and rows:
-        plot(rows, args.plot, f"{args.workload} workload, {rows[0]['completed'] + rows[0]['failed']} "
-                              "requests per rate")
+    report["sweep"] = rows
+    report.update(serving_cost(rows, report.get("offline")))
+    if "serve_pct_of_offline" in report:
+        print(json.dumps({k: report[k] for k in ("offline_tok_s", "serve_tok_s", "serve_pct_of_offline")}),
+              flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "serve.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    for path in filter(None, (args.plot, args.out and os.path.join(args.out, "serve.png"))):
+        if rows:
+            try:
+                plot(rows, path, f"{args.workload} workload, {rows[0]['completed'] + rows[0]['failed']} "
+                                 "requests per rate", report.get("offline_tok_s"))
+            except ImportError as e:   # the JSON is written: plot it elsewhere (plot(report["sweep"], ...))
+                print(f"no plot ({e})", file=sys.stderr)
+
+
+def serving_cost(rows, offline) -> dict:
+    """The server's all-at-once output tok/s as a percentage of offline generate's (item 5's
+    target: >= 85)."""
+    inf = [r for r in rows if r["rate"] == "inf"]
+    if not offline or not inf:
+        return {}
+    served = inf[-1]["output_tok_s"]
+    return dict(offline_tok_s=offline["output_tok_s"], serve_tok_s=served,
+                serve_pct_of_offline=round(100 * served / offline["output_tok_s"], 1))
 
 
 if __name__ == "__main__":

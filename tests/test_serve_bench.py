@@ -1,7 +1,9 @@
-"""benchmarks/serve.py's arithmetic on synthetic chunk timings (the load generator itself needs a
-server; it is run by hand, see its docstring)."""
+"""benchmarks/serve.py's arithmetic on synthetic chunk timings, and one end-to-end run of it on a
+toy model on the CPU (--offline --out); the GPU runs are made by hand, see its docstring."""
 import argparse
+import json
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -40,3 +42,34 @@ def test_workloads():
     shared = bench.requests_for(args, 151936)
     assert len(shared) == 5 and len({tuple(p[:64]) for p, _ in shared}) == 1
     assert len({tuple(p[64:]) for p, _ in shared}) == 5
+
+
+def test_serving_cost():
+    rows = [dict(rate=4.0, output_tok_s=500.0), dict(rate="inf", output_tok_s=900.0)]
+    assert bench.serving_cost(rows, dict(output_tok_s=1000.0)) == dict(
+        offline_tok_s=1000.0, serve_tok_s=900.0, serve_pct_of_offline=90.0)
+    assert bench.serving_cost(rows, None) == {} and bench.serving_cost(rows[:1], {"output_tok_s": 1.0}) == {}
+
+
+def test_offline_and_out_end_to_end(tmp_path):
+    """--offline --out on a toy model on the CPU: the offline run generates every requested token
+    with the server's engine options, the sweep completes, serve.json holds both and the ratio."""
+    pytest.importorskip("fastapi")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(pathlib.Path(bench.__file__)), "--write-model", str(tmp_path / "m"),
+           "--tiny", "--vocab", "1024", "--num-prompts", "4", "--max-tokens", "8", "--rates", "inf",
+           "--client-procs", "1", "--offline", "--server-args", "--max-model-len 1024 --block-size 8",
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=240, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    report = json.loads((out / "serve.json").read_text())
+    assert report["offline"]["output_tokens"] == 4 * 8
+    assert report["offline"]["engine_options"] == "--max-model-len 1024 --block-size 8"
+    [row] = report["sweep"]
+    assert (row["rate"], row["completed"], row["failed"]) == ("inf", 4, 0)
+    assert report["serve_pct_of_offline"] == pytest.approx(
+        100 * row["output_tok_s"] / report["offline"]["output_tok_s"], abs=0.1)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "serve.png").stat().st_size > 0
