@@ -105,8 +105,9 @@ def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     heads = kh * G + g
+    # a padding row's cu_q is T, one past the last query row: read nothing there
     q_tile = tl.load(q + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                     mask=(g < G)[:, None], other=0.0)
+                     mask=tl.where(is_decode, (g < G)[:, None], False), other=0.0)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
