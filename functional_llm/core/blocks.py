@@ -128,11 +128,9 @@ def match_prefix(pool: BlockPool, tokens: Sequence[int], hash_fn: Callable = cha
 
 
 def _valid_link(pool: BlockPool, info: CachedBlock) -> bool:
-    if info.parent is None:
-        return True
-    pb, pe = info.parent
-    parent = pool.cached.get(pb)
-    return parent is not None and parent.epoch == pe
+    """The block's parent (if any) is still indexed under the epoch the block recorded."""
+    link = info.parent   # (parent block, its epoch when this block was registered)
+    return link is None or getattr(pool.cached.get(link[0]), "epoch", None) == link[1]
 
 
 def register(pool: BlockPool, block: int, h: int, tokens: tuple,
@@ -140,14 +138,10 @@ def register(pool: BlockPool, block: int, h: int, tokens: tuple,
     """Index a full block whose KV has been computed under chain hash h. If h already names
     another block with a valid chain, the existing entry wins (identical content)."""
     assert len(tokens) == pool.block_size and pool.ref[block] > 0
-    if block in pool.cached:
-        return pool
-    parent = None
-    if parent_block is not None:
-        pinfo = pool.cached.get(parent_block)
-        if pinfo is None:
-            return pool  # the parent is not indexed, so this block is unreachable anyway
-        parent = (parent_block, pinfo.epoch)
+    pinfo = None if parent_block is None else pool.cached.get(parent_block)
+    if block in pool.cached or (parent_block is not None and pinfo is None):
+        return pool  # indexed already, or its parent is not (so it is unreachable anyway)
+    parent = None if parent_block is None else (parent_block, pinfo.epoch)
     other = pool.by_hash.get(h)
     if other is not None and _valid_link(pool, pool.cached[other]):
         return pool

@@ -20,11 +20,8 @@ from functional_llm.errors import UnknownRequest
 
 def _index_blocks(pool, seq: Seq, cfg: SchedConfig, hash_fn):
     """Register the sequence's newly computed full blocks in the prefix index."""
-    S, hashes = cfg.block_size, seq.block_hashes
+    S, hashes = cfg.block_size, list(seq.block_hashes)
     full = seq.num_computed // S
-    if full <= len(hashes):
-        return pool, seq
-    hashes = list(hashes)
     for j in range(len(hashes), full):
         tokens = tuple(seq.tokens[j * S:(j + 1) * S])
         h = hash_fn(hashes[-1] if hashes else None, tokens)
@@ -46,9 +43,8 @@ def advance(state: SchedState, cfg: SchedConfig, plan: Plan) -> SchedState:
     The pipelined engine runs advance right after launching a step, so the next step can be
     scheduled while this one is still on the device; resolve fills the tokens in later."""
     hash_fn = cfg.hash_fn or B.chain_hash
-    pool, changed = state.pool, {}
+    pool, seqs, changed = state.pool, state.seqs, {}
     caching, S = cfg.enable_prefix_caching, cfg.block_size
-    seqs = state.seqs
     for rid, start, count, sample in zip(plan.rids, plan.starts, plan.counts, plan.sample):
         seq = seqs[rid]   # per-step hot path: one Seq and at most one vector append per row
         assert seq.num_computed == start, f"{rid!r}: planned from {start}, computed {seq.num_computed}"
@@ -57,9 +53,7 @@ def advance(state: SchedState, cfg: SchedConfig, plan: Plan) -> SchedState:
         if caching and seq.num_computed // S > len(seq.block_hashes):
             pool, seq = _index_blocks(pool, seq, cfg, hash_fn)
         changed[rid] = seq
-    seqs = dict(seqs)
-    seqs.update(changed)
-    return attrs.evolve(state, seqs=MappingProxyType(seqs), pool=pool)
+    return attrs.evolve(state, seqs=MappingProxyType({**seqs, **changed}), pool=pool)
 
 
 def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[int]
@@ -68,7 +62,7 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
     row's sample) replaces that row's PENDING token; then stop ids, EOS, max_tokens and
     max_model_len decide who finishes. Finished sequences release their blocks and leave the
     state wherever they are (a pipelined engine may have preempted one meanwhile)."""
-    finished, out_rids, out_tokens, cached = {}, [], [], {}
+    finished, cached = {}, {}
     eos, max_len = cfg.eos_token_ids, cfg.max_model_len
     seqs = dict(state.seqs)
     rows = [(rid, start + count) for rid, start, count, smp
@@ -79,8 +73,6 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
         assert seq.tokens[pos] == PENDING, f"{rid!r}: no pending token at {pos}"
         seq = seqs[rid] = Seq(seq.req, seq.tokens.set(pos, tok), seq.num_computed,
                               seq.block_table, seq.block_hashes, seq.num_cached)
-        out_rids.append(rid)
-        out_tokens.append(tok)
         cached[rid] = seq.num_cached or 0
         p, n = seq.req.params, pos + 1 - len(seq.req.prompt)
         if (tok in p.stop_token_ids or (tok in eos and not p.ignore_eos)) and n > p.min_tokens:
@@ -97,7 +89,7 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
         if waiting:
             waiting = tuple(r for r in waiting if r not in finished)
     new = attrs.evolve(state, waiting=waiting, running=running, seqs=MappingProxyType(seqs), pool=pool)
-    return new, Deltas(tuple(out_rids), tuple(out_tokens), MappingProxyType(finished),
+    return new, Deltas(tuple(rid for rid, _ in rows), tuple(tokens), MappingProxyType(finished),
                        MappingProxyType(cached))
 
 
@@ -117,12 +109,10 @@ def finish(state: SchedState, rid: str) -> SchedState:
     seq = state.seqs.get(rid)
     if seq is None:
         raise UnknownRequest("request_id", rid, "is not a live request")
-    seqs = dict(state.seqs)
-    del seqs[rid]
-    return attrs.evolve(
-        state, waiting=tuple(r for r in state.waiting if r != rid),
-        running=tuple(r for r in state.running if r != rid), seqs=MappingProxyType(seqs),
-        pool=B.free(state.pool, seq.block_table))
+    return attrs.evolve(state, pool=B.free(state.pool, seq.block_table),
+                        waiting=tuple(r for r in state.waiting if r != rid),
+                        running=tuple(r for r in state.running if r != rid),
+                        seqs=MappingProxyType({r: s for r, s in state.seqs.items() if r != rid}))
 
 
 abort = finish  # an abort is a finish decided by the user; the request leaves wherever it is

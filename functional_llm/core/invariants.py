@@ -32,14 +32,6 @@ def check_pool(pool: BlockPool, hash_fn=chain_hash) -> None:
             assert hash_fn(ph, info.tokens) == info.hash, f"I4: block {b} chain hash mismatch"
 
 
-def check_waiting(state: SchedState) -> None:
-    """I12: a waiting sequence holds no KV (never admitted, or preempted and reset)."""
-    for rid in state.waiting:
-        seq = state.seqs[rid]
-        assert seq.num_computed == 0 and len(seq.block_table) == 0 and not seq.block_hashes, \
-            f"I12: waiting {rid} holds KV ({seq.num_computed} tokens, {len(seq.block_table)} blocks)"
-
-
 def check_state(state: SchedState, cfg: SchedConfig, hash_fn=chain_hash,
                 plan: Optional[Plan] = None) -> None:
     """Between steps (plan None), or during one: `plan` is the step in progress, with rows only
@@ -53,7 +45,10 @@ def check_state(state: SchedState, cfg: SchedConfig, hash_fn=chain_hash,
     assert live == set(state.seqs), "I7: seqs and queues disagree"
     assert not set(state.waiting) & set(state.running), "I7: a request both waiting and running"
     assert len(state.running) <= cfg.max_num_seqs, "I6: too many running"
-    check_waiting(state)
+    for rid in state.waiting:   # I12: a waiting sequence holds no KV (never admitted, or reset)
+        seq = state.seqs[rid]
+        assert seq.num_computed == 0 and len(seq.block_table) == 0 and not seq.block_hashes, \
+            f"I12: waiting {rid} holds KV ({seq.num_computed} tokens, {len(seq.block_table)} blocks)"
     # I2 refcount: ref(b) = number of block tables holding b
     held = Counter(b for s in state.seqs.values() for b in s.block_table.tolist())
     for b in range(pool.num_blocks):
@@ -76,5 +71,4 @@ def check_state(state: SchedState, cfg: SchedConfig, hash_fn=chain_hash,
                 f"I16: {rid} holds a pending token inside its known tokens"
             assert plan is not None or (rid in state.running and at == seq.num_computed), \
                 f"I16: {rid} holds a pending token at {at} between steps ({seq.num_computed} computed)"
-    if not live:  # I8 conservation
-        assert pool.num_free == pool.num_blocks, "I8: blocks held with nothing running"
+    assert live or pool.num_free == pool.num_blocks, "I8: blocks held with nothing running"

@@ -22,12 +22,9 @@ from functional_llm.errors import InvalidSamplingParams
 def _to_tuple(value):
     if value is None:
         return ()
-    if isinstance(value, (str, int)):
-        return (value,)
-    try:
-        return tuple(value)
-    except TypeError:   # not iterable: kept as one item, for validation to name
-        return (value,)
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return (value,)   # one item (validation names a wrong one)
+    return tuple(value)
 
 
 MAX_LOGPROBS = 20
@@ -40,6 +37,34 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional_int(value, top) -> bool:
+    return value is None or (_is_int(value) and 0 <= value <= top)
+
+
+# SamplingParams' checks, in order: (fields, ok(value, params), why; `{p}` names the params).
+# Every type first, so a wrong one is this error, never a TypeError from a comparison.
+_SAMPLING_CHECKS = (
+    (("temperature", "top_p", "min_p"), lambda v, p: _is_number(v),
+     "must be a number (int or float)"),
+    (("top_k", "max_tokens", "min_tokens"), lambda v, p: _is_int(v), "must be an int"),
+    (("temperature",), lambda v, p: v >= 0, "must be >= 0 (0 = greedy)"),   # also rejects NaN
+    (("top_p",), lambda v, p: 0 < v <= 1, "must be in (0, 1]"),
+    (("top_k",), lambda v, p: v >= 0, "must be >= 0 (0 = off)"),
+    (("min_p",), lambda v, p: 0 <= v <= 1, "must be in [0, 1]"),
+    (("max_tokens",), lambda v, p: v >= 1, "must be >= 1"),
+    (("min_tokens",), lambda v, p: 0 <= v <= p.max_tokens,
+     "must be in [0, max_tokens={p.max_tokens}]"),
+    (("seed",), lambda v, p: _optional_int(v, 2**63 - 1), "must be None or an int in [0, 2**63)"),
+    (("stop",), lambda v, p: all(isinstance(s, str) and s for s in v),
+     "stop strings must be non-empty str"),
+    (("stop_token_ids",), lambda v, p: all(_is_int(t) and t >= 0 for t in v),
+     "must be non-negative ints"),
+    (("ignore_eos",), lambda v, p: isinstance(v, bool), "must be a bool"),
+    (("logprobs", "prompt_logprobs"), lambda v, p: _optional_int(v, MAX_LOGPROBS),
+     f"must be None or an int in [0, {MAX_LOGPROBS}]"),
+)
 
 
 @attrs.frozen(slots=True)
@@ -60,40 +85,10 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None  # the same per prompt token (skips prefix-cache hits)
 
     def __attrs_post_init__(self):
-        def bad(name, why):
-            raise InvalidSamplingParams(name, getattr(self, name), why)
-
-        # every type first, so a wrong one is this error, never a TypeError from a comparison
-        for name in ("temperature", "top_p", "min_p"):
-            if not _is_number(getattr(self, name)):
-                bad(name, "must be a number (int or float)")
-        for name in ("top_k", "max_tokens", "min_tokens"):
-            if not _is_int(getattr(self, name)):
-                bad(name, "must be an int")
-        if not self.temperature >= 0:  # also rejects NaN
-            bad("temperature", "must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0 (0 = off)")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if self.max_tokens < 1:
-            bad("max_tokens", "must be >= 1")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}]")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            bad("seed", "must be None or an int in [0, 2**63)")
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            bad("stop", "stop strings must be non-empty str")
-        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", "must be non-negative ints")
-        if not isinstance(self.ignore_eos, bool):
-            bad("ignore_eos", "must be a bool")
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(self, name)
-            if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
-                bad(name, f"must be None or an int in [0, {MAX_LOGPROBS}]")
+        for names, ok, why in _SAMPLING_CHECKS:
+            for name in names:
+                if not ok(getattr(self, name), self):
+                    raise InvalidSamplingParams(name, getattr(self, name), why.format(p=self))
 
 
 @attrs.frozen(slots=True)

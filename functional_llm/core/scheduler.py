@@ -56,9 +56,8 @@ def admit(state: SchedState, cfg: SchedConfig, req: Request) -> SchedState:
         raise InvalidPrompt("request_id", req.rid, "is already in use by a live request")
     ctr = state.counters
     req = attrs.evolve(req, arrival=ctr.arrivals)
-    seqs = dict(state.seqs)
-    seqs[req.rid] = Seq(req, pvector(req.prompt))
-    return attrs.evolve(state, waiting=state.waiting + (req.rid,), seqs=MappingProxyType(seqs),
+    seqs = MappingProxyType({**state.seqs, req.rid: Seq(req, pvector(req.prompt))})
+    return attrs.evolve(state, waiting=state.waiting + (req.rid,), seqs=seqs,
                         counters=attrs.evolve(ctr, arrivals=ctr.arrivals + 1))
 
 
@@ -88,12 +87,13 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
         chunked += end < len(seq.tokens)
         decode += n == 1 and start >= len(seq.req.prompt)  # one generated token: a decode
 
-    def preempt(seq):
+    def preempt(rid):   # the youngest running sequence, just popped from running
         nonlocal pool
+        seq = changed.get(rid) or seqs[rid]
         pool = B.free(pool, seq.block_table)
-        changed[seq.req.rid] = _reset(seq)
-        waiting.insert(0, seq.req.rid)
-        preempted.append(seq.req.rid)
+        changed[rid] = _reset(seq)
+        waiting.insert(0, rid)
+        preempted.append(rid)
 
     i = 0
     while i < len(running) and budget > 0:
@@ -102,11 +102,9 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
         n = min(len(seq.tokens) - seq.num_computed, budget)
         need = B.blocks_for(seq.num_computed + n, S) - len(seq.block_table)
         while need > pool.num_free and running[-1] != rid:
-            victim = running.pop()
-            preempt(changed.get(victim) or seqs[victim])
+            preempt(running.pop())
         if need > pool.num_free:  # it is the youngest itself: preempt it and stop
-            running.pop()
-            preempt(seq)
+            preempt(running.pop())
             break
         if need > 0:
             pool, new = B.allocate(pool, need)
@@ -140,14 +138,11 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
         budget -= n
 
     if changed:
-        seqs = dict(seqs)
-        seqs.update(changed)
-        seqs = MappingProxyType(seqs)
+        seqs = MappingProxyType({**seqs, **changed})
     plan = Plan(tuple(rids), tuple(starts), tuple(counts), tuple(sample), tuple(preempted))
     ctr = state.counters
-    num_tokens = sum(counts)
     counters = attrs.evolve(
-        ctr, steps=ctr.steps + 1, prefill_tokens=ctr.prefill_tokens + num_tokens - decode,
+        ctr, steps=ctr.steps + 1, prefill_tokens=ctr.prefill_tokens + sum(counts) - decode,
         decode_tokens=ctr.decode_tokens + decode, chunked_prefills=ctr.chunked_prefills + chunked,
         preemptions=ctr.preemptions + len(preempted), cache_hit_tokens=ctr.cache_hit_tokens + hit_tokens)
     return SchedState(tuple(waiting), tuple(running), seqs, pool, counters), plan

@@ -62,8 +62,7 @@ def state_digest(state: SchedState, deltas: Deltas = Deltas()) -> str:
         ints((len(queue),))
         for rid in queue:
             text(rid)
-    for rid in sorted(state.seqs):
-        seq = state.seqs[rid]
+    for rid, seq in sorted(state.seqs.items()):   # request ids are unique: Seqs never compared
         text(rid)
         ints(seq.tokens)
         ints((seq.num_computed, -1 if seq.num_cached is None else seq.num_cached))
@@ -73,8 +72,7 @@ def state_digest(state: SchedState, deltas: Deltas = Deltas()) -> str:
     ints(pool.ref)
     ints(pool.queue[i] for i in range(pool.head, len(pool.queue))      # live free order only:
          if pool.ref[pool.queue[i]] == 0 and pool.queued_at[pool.queue[i]] == i)  # no layout
-    for b in sorted(pool.cached):
-        info = pool.cached[b]
+    for b, info in sorted(pool.cached.items()):
         ints((b, info.epoch) + ((-1, -1) if info.parent is None else tuple(info.parent)))
         ints((info.hash,), "<u8")
         ints(info.tokens)
@@ -84,19 +82,17 @@ def state_digest(state: SchedState, deltas: Deltas = Deltas()) -> str:
     for rid, tok in zip(deltas.rids, deltas.tokens):
         text(rid)
         ints((tok,))
-    for rid in sorted(deltas.finished):
+    for rid, reason in sorted(deltas.finished.items()):
         text(rid)
-        text(deltas.finished[rid])
+        text(reason)
     return h.hexdigest()
 
 
 # -- records -------------------------------------------------------------------------------------
 def config_to_json(cfg: SchedConfig) -> dict:
-    out = attrs.asdict(cfg, filter=lambda a, _: a.name != "hash_fn")
-    out["eos_token_ids"] = list(cfg.eos_token_ids)
-    fn = cfg.hash_fn
-    out["hash_fn"] = None if fn is None else f"{fn.__module__}.{fn.__qualname__}"
-    return out
+    fn = cfg.hash_fn   # recorded by name: replay must be handed the function itself
+    return {**attrs.asdict(cfg), "eos_token_ids": list(cfg.eos_token_ids),
+            "hash_fn": None if fn is None else f"{fn.__module__}.{fn.__qualname__}"}
 
 
 def config_from_json(d: dict, hash_fn: Optional[Callable] = None) -> SchedConfig:
@@ -146,12 +142,11 @@ def pipelined_step_record(step: int, plan: Plan, advance_dropped, prev_plan: Opt
     k-1 as scheduled (None: nothing was in flight), resolve_dropped: its rids whose rows
     resolve k-1 skipped; tokens: every sample of step k-1, dropped rows' included (what the
     device returned); state: after advance k; deltas: what resolve k-1 returned."""
-    return {"kind": "step", "step": step, "plan": plan_to_json(plan),
+    return {**step_record(step, plan, tokens, state, deltas),
             "advance_dropped": [r for r in plan.rids if r in advance_dropped],
             "resolves": None if prev_plan is None else step - 1,
-            "resolve_dropped": [] if prev_plan is None else [r for r in prev_plan.rids if r in resolve_dropped],
-            "tokens": list(tokens), "finished": dict(deltas.finished),
-            "digest": state_digest(state, deltas)}
+            "resolve_dropped": [r for r in (() if prev_plan is None else prev_plan.rids)
+                                if r in resolve_dropped]}
 
 
 def encode(record: dict) -> str:
@@ -230,7 +225,8 @@ def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
         raise TraceError("trace", "<header>", f"first record must be a header of format {READABLE}")
     cfg = config_from_json(header["config"], hash_fn)
     state, steps = new_state(cfg), 0
-    pipelined, flight = bool(header.get("pipeline")), None   # flight: the launched step (pipelined)
+    rest_of_step = _pipelined_step if header.get("pipeline") else _sync_step
+    flight = None   # the launched, unresolved step (pipelined loop only)
 
     def stop(step, what, expected, actual):
         return ReplayReport(steps, Divergence(step, what, expected, actual), state)
@@ -256,10 +252,7 @@ def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
             state, plan = S.schedule(state, cfg)
             if plan_to_json(plan) != r.get("plan"):
                 return stop(step, "plan", r.get("plan"), plan_to_json(plan))
-            if pipelined:
-                state, deltas, flight, bad = _pipelined_step(state, cfg, plan, r, flight, step_tokens)
-            else:
-                state, deltas, bad = _sync_step(state, cfg, plan, r, step_tokens)
+            state, deltas, flight, bad = rest_of_step(state, cfg, plan, r, flight, step_tokens)
             if bad is not None:
                 return stop(step, *bad)
             if dict(deltas.finished) != r.get("finished"):
@@ -275,19 +268,19 @@ def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
     return ReplayReport(steps, None, state)
 
 
-def _sync_step(state, cfg, plan, r, step_tokens):
+def _sync_step(state, cfg, plan, r, flight, step_tokens):
     """The rest of a synchronous step after schedule: the device, then commit. Returns (state,
-    deltas, None) or (..., (what, expected, actual)) at the first mismatch."""
+    deltas, flight, None) or (..., (what, expected, actual)) at the first mismatch; flight is
+    None (nothing stays in flight), as _pipelined_step's signature."""
     tokens = r.get("tokens")
     if not isinstance(tokens, list) or len(tokens) != sum(plan.sample):
-        return state, None, ("tokens", f"{sum(plan.sample)} sampled tokens", tokens)
-    if step_tokens is not None and plan.rids:
-        produced = list(step_tokens(state, plan))
-        if produced != tokens:
-            return state, None, ("tokens", tokens, produced)
+        return state, None, None, ("tokens", f"{sum(plan.sample)} sampled tokens", tokens)
     if not plan.rids:  # the engine skips commit (and the device) for an empty plan
-        return state, Deltas(), None
-    return (*C.commit(state, cfg, plan, tokens), None)
+        return state, Deltas(), None, None
+    produced = tokens if step_tokens is None else list(step_tokens(state, plan))
+    if produced != tokens:
+        return state, None, None, ("tokens", tokens, produced)
+    return (*C.commit(state, cfg, plan, tokens), None, None)
 
 
 @attrs.frozen(slots=True)
@@ -306,27 +299,24 @@ def _pipelined_step(state, cfg, plan, r, flight, step_tokens):
     resolve k-1 (its plan without the rows of sequences that ended in flight), advance k
     (without the rows of those that resolve k-1 finished). The record carries step k-1's
     tokens. Returns (state, deltas, flight, None or (what, expected, actual))."""
-    tokens, deltas, launched = r.get("tokens"), Deltas(), None
+    tokens, deltas, produced, gone = r.get("tokens"), Deltas(), None, frozenset()
     want = 0 if flight is None else sum(flight.plan.sample)
     if not isinstance(tokens, list) or len(tokens) != want:
         return state, None, flight, ("tokens", f"{want} sampled tokens of the step in flight", tokens)
     if flight is not None and flight.produced is not None and flight.produced != tokens:
         return state, None, flight, ("tokens", tokens, flight.produced)
-    if plan.rids:                                                   # launch k
-        produced = None
-        if step_tokens is not None:   # decode rows read step k-1's samples, as on the device
-            fed = None if flight is None else dict(zip(
-                (rid for rid, s in zip(flight.plan.rids, flight.plan.sample) if s), tokens))
-            produced = list(step_tokens(state, plan, fed))
-        launched = _Flight(plan, frozenset(), produced)
+    if plan.rids and step_tokens is not None:                       # launch k
+        fed = None if flight is None else dict(zip(   # decode rows read step k-1's samples
+            (rid for rid, s in zip(flight.plan.rids, flight.plan.sample) if s), tokens))
+        produced = list(step_tokens(state, plan, fed))
     if flight is not None:                                          # resolve k-1
         dropped = [rid for rid in flight.plan.rids if rid in flight.gone]
         if dropped != r.get("resolve_dropped"):
             return state, None, flight, ("dropped", r.get("resolve_dropped"), dropped)
         kept, keep = flight.plan.without(flight.gone)
         state, deltas = C.resolve(state, cfg, kept, [t for t, k in zip(tokens, keep) if k])
-        if launched is not None:
-            launched = attrs.evolve(launched, gone=frozenset(deltas.finished))
+        gone = frozenset(deltas.finished)
+    launched = _Flight(plan, gone, produced) if plan.rids else None
     if launched is not None:                                        # advance k
         dropped = [rid for rid in plan.rids if rid in launched.gone]
         if dropped != r.get("advance_dropped"):
