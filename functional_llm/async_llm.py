@@ -59,7 +59,7 @@ class _Close:                 # the caller stopped listening (cancelled, aclose,
     stream: _Stream
 
 
-class AsyncLLM:
+class AsyncLLM(contextlib.AbstractAsyncContextManager):
     """`LLM` for asyncio: `async for out in engine.generate(prompt, params)`.
 
     Construction takes the LLM's arguments (the LLM is built in the calling thread, so its
@@ -133,9 +133,6 @@ class AsyncLLM:
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
-    async def __aenter__(self) -> "AsyncLLM":
-        return self
-
     async def __aexit__(self, *exc) -> None:
         self.shutdown()
 
@@ -178,9 +175,8 @@ class AsyncLLM:
         if isinstance(command, _Add):
             self._add(command)
         elif isinstance(command, _Close):
-            rid = self._rid_of.get(command.stream)
-            if rid is not None:
-                self._end(rid)
+            if command.stream in self._rid_of:   # else it ended already
+                self._end(self._rid_of[command.stream])
         elif isinstance(command, _Abort):
             if command.request_id in self._streams:
                 self._end(command.request_id).put(_END)
@@ -250,9 +246,6 @@ class AsyncLLM:
 
 
 def _drain(commands: queue.SimpleQueue) -> list:
-    out = []
-    while True:
-        try:
-            out.append(commands.get_nowait())
-        except queue.Empty:
-            return out
+    """The commands queued now. The loop thread is the queue's only reader, so qsize() items
+    are there to take (more may arrive meanwhile: the next drain takes them)."""
+    return [commands.get_nowait() for _ in range(commands.qsize())]

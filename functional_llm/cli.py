@@ -19,12 +19,11 @@ def _checked(convert, ok, why):
     """An argparse type: convert, then check; a failure is a usage error naming the value."""
     def parse(text):
         try:
-            value = convert(text)
+            if ok(value := convert(text)):
+                return value
         except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: {why}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}")
     return parse
 
 
@@ -145,12 +144,10 @@ def chat_session(llm, params, read_line, write, system=None) -> list:
             continue
         messages.append({"role": "user", "content": line})
         text = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        answer = []
         for out in llm.stream([llm.tokenizer.encode(text, add_special_tokens=False)], params):
             write(out.delta_text)
-            answer.append(out.delta_text)
-        write("\n")
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        write("\n")   # the last output's text (cumulative) is the whole answer
+        messages.append({"role": "assistant", "content": out.text})
 
 
 def _replay(args) -> int:
@@ -192,9 +189,7 @@ def _plot(args) -> int:
     from functional_llm.core import trace as T
 
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure   # no pyplot: no global backend or figure state
     except ImportError:
         print("error: trace plot needs matplotlib (pip install 'functional_llm[plot]')", file=sys.stderr)
         return 2
@@ -209,7 +204,8 @@ def _plot(args) -> int:
     report = T.replay(records, on_step=on_step)
     prefill, decode, running, waiting, blocks, preempted = zip(*rows) if rows else ((),) * 6
     steps = range(len(rows))
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, sharex=True, figsize=(9, 7))
+    fig = Figure(figsize=(9, 7))
+    ax1, ax2, ax3 = fig.subplots(3, 1, sharex=True)
     ax1.bar(steps, prefill, label="prefill tokens")
     ax1.bar(steps, decode, bottom=prefill, label="decode tokens")
     ax2.step(steps, running, where="mid", label="running")

@@ -6,11 +6,9 @@ class FunctionalLLMError(ValueError):
     """Base class: `parameter` names what was wrong, `value` is what was given."""
 
     def __init__(self, parameter: str, value, message: str):
-        self.parameter = parameter
-        self.value = value
+        self.parameter, self.value = parameter, value
         shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
         super().__init__(f"{parameter}={shown}: {message}")
 
 

@@ -23,10 +23,6 @@ REPLACEMENT = "\ufffd"   # what decode gives for the bytes of an unfinished UTF-
 EMPTY = pvector()
 
 
-def _joined(parts) -> str:
-    return "".join(parts)
-
-
 @attrs.frozen(slots=True)
 class Logprob:
     """One token's log-probability under the model (before temperature and filters), its rank
@@ -52,7 +48,7 @@ class RequestOutput:
     delta_text: str = ""
     delta_token_ids: tuple = ()
     _token_ids: Sequence = attrs.field(default=(), eq=tuple)     # init: token_ids=
-    _text_parts: Sequence = attrs.field(default=(), eq=_joined)  # init: text_parts=
+    _text_parts: Sequence = attrs.field(default=(), eq="".join)  # init: text_parts=
     # with SamplingParams(logprobs=k): one {token id: Logprob} per token of token_ids (the
     # sampled token and the top k), and delta_logprobs per token of delta_token_ids; with
     # prompt_logprobs=k: the same per prompt token (None for the first). None when not asked.
@@ -99,12 +95,6 @@ class OutputState:
     logprobs: PVector = EMPTY        # one {id: Logprob} per generated token (logprobs=k)
     prompt_logprobs: PVector = EMPTY   # (None, then one per prompt token: prompt_logprobs=k)
 
-    @property
-    def detokenize(self) -> bool:
-        """Text per step: streamed, or searched for stop strings. Otherwise it is decoded once,
-        at the end (generate without stop strings)."""
-        return self.stream or bool(self.params.stop)
-
 
 @attrs.frozen(slots=True)
 class Emitted:
@@ -132,10 +122,11 @@ def apply(outputs: immutables.Map, deltas: Deltas, decode: Callable[[list], str]
     Pre: every rid with a row or a finish in `deltas` is in `outputs` (rid -> OutputState).
     A rid may have several rows (their tokens in order); a finish with no row ends a request
     after the tokens it has (the shell's aborts: Deltas(finished={rid: "abort"})).
-    Post: each request's new tokens are appended; with `detokenize`, text is decoded token by
-    token, and the first token whose text completes a stop string ends the request there (later
-    tokens of the same delta are dropped; the text stops before the stop string). Finished
-    requests leave the map. Raises KeyError for a rid not in `outputs` (a shell bug)."""
+    Post: each request's new tokens are appended; when streamed or with stop strings, text is
+    decoded token by token (else once, at the end), and the first token whose text completes a
+    stop string ends the request there (later tokens of the same delta are dropped; the text
+    stops before the stop string). Finished requests leave the map. Raises KeyError for a rid
+    not in `outputs` (a shell bug)."""
     new: dict = {}
     for rid, tok in zip(deltas.rids, deltas.tokens):
         new.setdefault(rid, []).append(tok)     # the engine sends one row per request and step
@@ -164,10 +155,9 @@ def apply(outputs: immutables.Map, deltas: Deltas, decode: Callable[[list], str]
 
 def _with_logprobs(st: OutputState, sampled, prompt: tuple, decode) -> OutputState:
     """st with this step's logprobs (the engine's TokenLogprobs) appended as {id: Logprob}."""
-    def as_map(e):
-        out = {tid: Logprob(lp, r + 1, decode([tid])) for r, (tid, lp) in enumerate(e.top)}
-        out[e.token] = Logprob(e.logprob, e.rank, decode([e.token]))
-        return out
+    def as_map(e):   # the top k by rank, then the token itself (it may be one of them)
+        return {**{tid: Logprob(lp, r + 1, decode([tid])) for r, (tid, lp) in enumerate(e.top)},
+                e.token: Logprob(e.logprob, e.rank, decode([e.token]))}
     if sampled is None and not prompt:
         return st
     return attrs.evolve(st, logprobs=st.logprobs if sampled is None else st.logprobs.append(as_map(sampled)),
@@ -180,7 +170,7 @@ def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int
     tokens, parts, taken = st.token_ids, st.text_parts, len(toks)
     prefix, read, held, tail, delta = st.prefix_offset, st.read_offset, st.held, st.tail, []
     stops = st.params.stop
-    if not st.detokenize:
+    if not (st.stream or stops):                # text only at the end: one decode
         tokens = tokens.extend(toks)
         if finish is not None:                  # the only decode of such a request
             delta.append(decode(list(tokens)))
@@ -191,13 +181,10 @@ def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int
             if not final:
                 tokens = tokens.append(toks[i])
             piece, prefix, read = _detokenize(decode, tokens, prefix, read, final)
-            if not stops:
-                delta.append(piece)
-                continue
-            if not (piece or final):
-                continue
-            text, held, tail, hit = _scan(piece, held, tail, stops, window, final)
-            delta.append(text)
+            hit = False
+            if stops and (piece or final):      # new text to search, or the end to flush
+                piece, held, tail, hit = _scan(piece, held, tail, stops, window, final)
+            delta.append(piece)
             if hit:
                 finish, taken = "stop", min(i + 1, len(toks))   # later tokens are dropped
                 break
@@ -244,9 +231,8 @@ def _scan(piece: str, held: str, tail: str, stops: tuple, window: int, final: bo
     and a match is searched in `tail + piece` only."""
     region = tail + piece
     hits = [i for i in (region.find(s) for s in stops) if i >= 0]
-    begin = len(tail) - len(held)               # where the held text starts in region
-    if hits:
-        return region[begin:min(hits)], "", "", True
+    if hits:   # emit from where the held text starts in region up to the first match
+        return region[len(tail) - len(held):min(hits)], "", "", True
     pending = held + piece
     keep = 0 if final else _stop_prefix(pending, stops)
     cut = len(pending) - keep

@@ -14,6 +14,11 @@ from functional_llm.errors import InvalidModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _DEFAULT_ROPE_THETA = 10000.0  # the transformers default for all three families
+# features of these families that the forward does not implement: (config.json key, the one
+# supported value, which an absent key or a null / false / empty one also means, what is missing)
+_UNSUPPORTED = (("hidden_act", "silu", "only the SiLU-gated MLP is supported"),
+                ("mlp_bias", False, "MLP biases are not supported"),
+                ("use_sliding_window", False, "sliding-window attention is not supported"))
 
 
 @attrs.frozen(slots=True)
@@ -49,9 +54,7 @@ def _read_json(path: pathlib.Path) -> dict:
 
 def _ids(value) -> tuple[int, ...]:
     """eos_token_id may be absent, one int or a list of ints."""
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value or ())
+    return (value,) if isinstance(value, int) else tuple(int(v) for v in value or ())
 
 
 def _rope_theta(raw: dict, folder: pathlib.Path) -> float:
@@ -64,18 +67,6 @@ def _rope_theta(raw: dict, folder: pathlib.Path) -> float:
                            f"{folder}/config.json asks for RoPE scaling '{rope_type}'; "
                            "only rope_type 'default' is supported")
     return float(params.get("rope_theta", raw.get("rope_theta", _DEFAULT_ROPE_THETA)))
-
-
-def _check_supported(raw: dict, folder: pathlib.Path) -> None:
-    """Reject features of these families that the forward does not implement."""
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise InvalidModel("hidden_act", act, f"{folder}: only the SiLU-gated MLP is supported")
-    if raw.get("mlp_bias"):
-        raise InvalidModel("mlp_bias", True, f"{folder}: MLP biases are not supported")
-    if raw.get("use_sliding_window"):
-        raise InvalidModel("use_sliding_window", True,
-                           f"{folder}: sliding-window attention is not supported")
 
 
 def load_config(path) -> ModelConfig:
@@ -97,17 +88,18 @@ def load_config(path) -> ModelConfig:
                            f"{list(SUPPORTED_MODEL_TYPES)}")
     if not any(folder.glob("*.safetensors")):
         raise InvalidModel("model", str(path), "no *.safetensors weight files in the folder")
-    _check_supported(raw, folder)
+    for key, supported, why in _UNSUPPORTED:
+        if (raw.get(key) or supported) != supported:
+            raise InvalidModel(key, raw[key], f"{folder}: {why}")
 
     def need(key: str):
         if raw.get(key) is None:
             raise InvalidModel(key, None, f"{folder}/config.json has no '{key}'")
         return raw[key]
 
-    generation_file = folder / "generation_config.json"
-    generation = _read_json(generation_file) if generation_file.is_file() else {}
-    eos = generation.get("eos_token_id", raw.get("eos_token_id"))
-    bos = generation.get("bos_token_id", raw.get("bos_token_id"))
+    generation_file = folder / "generation_config.json"   # its token ids win over config.json's
+    merged = {**raw, **(_read_json(generation_file) if generation_file.is_file() else {})}
+    bos = merged.get("bos_token_id")
 
     num_heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
@@ -126,7 +118,7 @@ def load_config(path) -> ModelConfig:
         qkv_bias=True if model_type == "qwen2" else bool(raw.get("attention_bias", False)),
         qk_norm=model_type == "qwen3",
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-        eos_token_ids=_ids(eos),
+        eos_token_ids=_ids(merged.get("eos_token_id")),
         bos_token_id=None if bos is None else int(bos),
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
     )

@@ -78,15 +78,12 @@ def write_hf_folder(model, tokenizer, target: pathlib.Path) -> pathlib.Path:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         # save_pretrained refuses GGUF-quantized models, so the files are written by hand
-        state = dict(model.state_dict())
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # shares storage with the embedding: store once
-        write_params(tmp, state)
-        config = model.config.to_dict()
-        for key in ("quantization_config", "_name_or_path"):
-            config.pop(key, None)
-        config.update(torch_dtype="float32", dtype="float32",
-                      architectures=[type(model).__name__])
+        tied = model.config.tie_word_embeddings   # lm_head shares the embedding's storage
+        write_params(tmp, {name: t for name, t in model.state_dict().items()
+                           if not (tied and name == "lm_head.weight")})   # so it is stored once
+        config = {k: v for k, v in model.config.to_dict().items()
+                  if k not in ("quantization_config", "_name_or_path")}
+        config.update(torch_dtype="float32", dtype="float32", architectures=[type(model).__name__])
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         model.generation_config.to_json_file(str(tmp / "generation_config.json"))
         tokenizer.save_pretrained(str(tmp))

@@ -47,10 +47,8 @@ def load_params(path, cfg: ModelConfig, dtype: torch.dtype,
     params: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                spec = specs.get(name)
-                if spec is None:
-                    continue
+            for name in [n for n in handle.keys() if n in specs]:
+                spec = specs[name]
                 # read the shape from the header first: a mismatch costs no tensor copy
                 shape = tuple(handle.get_slice(name).get_shape())
                 if shape != spec.shape:

@@ -50,11 +50,9 @@ class ShardingRules:
 
     def placement(self, axis: str | None) -> str | None:
         """TP or None for one axis of a ParamSpec (None, the "never split" axis, is None)."""
-        if axis is None:
-            return None
-        if axis not in AXES:
+        if axis is not None and axis not in AXES:
             raise InvalidConfig("axis", axis, f"unknown logical axis; known: {list(AXES)}")
-        return getattr(self, axis)
+        return None if axis is None else getattr(self, axis)
 
 
 DEFAULT_RULES = ShardingRules()
@@ -99,10 +97,9 @@ def shard_spec(specs: dict[str, ParamSpec], rules: ShardingRules, world: int, *,
         if len(dims) > 1:
             raise InvalidConfig(name, spec.axes, f"the rules split axes {[spec.axes[d] for d in dims]} "
                                 "of this one tensor; at most one dimension per tensor can be split")
-        if not dims:
-            plan[name] = None
+        plan[name] = dim = dims[0] if dims else None   # (an error below leaves no plan)
+        if dim is None:
             continue
-        dim, = dims
         axis = spec.axes[dim]
         unit = _unit(axis, head_dim)
         if spec.shape[dim] % unit:
@@ -114,23 +111,26 @@ def shard_spec(specs: dict[str, ParamSpec], rules: ShardingRules, world: int, *,
                     "replicated)") if axis == "kv_heads" else "divisible by the number of ranks"
             raise InvalidConfig(name, count, f"{count} {axis} cannot be split over {world} "
                                 f"ranks: must be {rule}")
-        plan[name] = dim
     return plan
 
 
-def shard_range(spec: ParamSpec, dim: int, head_dim: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of `rank`'s chunk of dimension `dim` (split, as checked by shard_spec): of
-    its count units, count/world from unit r*count/world; with fewer units than ranks (only kv
-    heads) rank r gets the one unit r*count//world."""
+def shard_index(spec: ParamSpec, dim: int | None, head_dim: int, rank: int, world: int
+                ) -> tuple[slice, ...] | None:
+    """The index of `rank`'s chunk of a tensor split along `dim` (as checked by shard_spec), or
+    None when dim is None (replicated): of the dimension's count units, count/world from unit
+    r*count/world; with fewer units than ranks (only kv heads) rank r gets the one unit
+    r*count//world."""
+    if dim is None:
+        return None
     unit = _unit(spec.axes[dim], head_dim)
     count = spec.shape[dim] // unit
     first, per = rank * count // world, max(count // world, 1)
-    return first * unit, (first + per) * unit
+    return (slice(None),) * dim + (slice(first * unit, (first + per) * unit),)
 
 
 def shard(params: dict[str, torch.Tensor], specs: dict[str, ParamSpec], rules: ShardingRules,
           rank: int, world: int, *, head_dim: int) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s parameters: a new dict of views (narrow) of the unfused `params`, with
+    """Rank `rank`'s parameters: a new dict of views (slices) of the unfused `params`, with
     replicated tensors passed through; nothing is copied and the argument is unchanged (apply
     fuse_params after). Raises InvalidConfig as shard_spec does, or for a tensor with no spec,
     and InvalidModel for a tensor whose shape is not its spec's."""
@@ -144,12 +144,8 @@ def shard(params: dict[str, torch.Tensor], specs: dict[str, ParamSpec], rules: S
                                 "params, then fuse_params)")
         if tuple(tensor.shape) != spec.shape:
             raise InvalidModel(name, tuple(tensor.shape), f"expected shape {spec.shape}")
-        dim = plan[name]
-        if dim is None:
-            out[name] = tensor
-            continue
-        start, stop = shard_range(spec, dim, head_dim, rank, world)
-        out[name] = tensor.narrow(dim, start, stop - start)
+        index = shard_index(spec, plan[name], head_dim, rank, world)
+        out[name] = tensor if index is None else tensor[index]   # basic slicing: a view
     return out
 
 
@@ -179,12 +175,5 @@ def load_params_sharded(path, cfg: ModelConfig, dtype: torch.dtype,
     _check_rank(rank, world)
     specs = param_specs(cfg)
     plan = shard_spec(specs, rules, world, head_dim=cfg.head_dim)
-
-    def select(name, shape):   # shape is the spec's (load_params checks it first)
-        dim = plan[name]
-        if dim is None:
-            return None
-        start, stop = shard_range(specs[name], dim, cfg.head_dim, rank, world)
-        return (slice(None),) * dim + (slice(start, stop),)
-
-    return load_params(path, cfg, dtype, device, select)
+    return load_params(path, cfg, dtype, device, lambda name, shape:   # shape: the spec's
+                       shard_index(specs[name], plan[name], cfg.head_dim, rank, world))
