@@ -4,7 +4,10 @@ over a tiny random model with a character tokenizer. Outputs equal offline LLM.g
 disconnects free everything; every error status is produced and checked."""
 import asyncio
 import contextlib
+import functools
 import json
+import os
+import signal
 import random
 import re
 import socket
@@ -22,6 +25,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from functional_llm import LLM, AsyncLLM, SamplingParams  # noqa: E402
 from functional_llm.serve.app import ServeConfig, build_app  # noqa: E402
+from functional_llm.serve.engine_process import EngineProcess  # noqa: E402
 from tests.test_async_llm import slow_steps  # noqa: E402
 from tests.tiny_models import add_char_tokenizer, make_tiny_model  # noqa: E402
 
@@ -71,11 +75,41 @@ class Served:
         self.app.state.loop.call_soon_threadsafe(fn)
 
 
+def slow_child_steps(seconds, llm):
+    """EngineProcess's child_setup (in the child): each step takes at least `seconds`."""
+    real = llm.step
+
+    def step():
+        time.sleep(seconds)
+        return real()
+    llm.step = step
+
+
+def failing_child_steps(after, llm):
+    """EngineProcess's child_setup (in the child): steps after the first `after` raise."""
+    real, calls = llm.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) > after:
+            raise RuntimeError("injected device failure")
+        return real()
+    llm.step = step
+
+
+MODES = ["thread", "process"]   # AsyncLLM in the server's process, or EngineProcess (the CLI's default)
+
+
 @contextlib.contextmanager
-def serving(model, api_key=None, max_waiting=None, step_delay=0.0, **config):
-    engine = AsyncLLM(model, max_waiting=max_waiting, **SMALL)
-    if step_delay:
-        slow_steps(engine, step_delay)
+def serving(model, api_key=None, max_waiting=None, step_delay=0.0, mode="thread", child_setup=None, **config):
+    if mode == "process":
+        if step_delay:
+            child_setup = functools.partial(slow_child_steps, step_delay)
+        engine = EngineProcess(model, max_waiting=max_waiting, child_setup=child_setup, **SMALL)
+    else:
+        engine = AsyncLLM(model, max_waiting=max_waiting, **SMALL)
+        if step_delay:
+            slow_steps(engine, step_delay)
     app = build_app(engine, AutoTokenizer.from_pretrained(model),
                     ServeConfig(model_name=NAME, api_key=api_key, **config))
     sock = socket.socket()
@@ -94,9 +128,9 @@ def serving(model, api_key=None, max_waiting=None, step_delay=0.0, **config):
         engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def served(model):
-    with serving(model) as s:
+@pytest.fixture(scope="module", params=MODES)
+def served(model, request):
+    with serving(model, mode=request.param) as s:
         yield s
 
 
@@ -260,8 +294,9 @@ def test_body_over_the_limit_is_413(model):
         assert s.post("/v1/completions", {"prompt": "x" * 100, "max_tokens": 2}).status_code == 200
 
 
-def test_queue_full_is_429(model):
-    with serving(model, max_waiting=1, step_delay=0.05) as s:
+@pytest.mark.parametrize("mode", MODES)
+def test_queue_full_is_429(model, mode):
+    with serving(model, max_waiting=1, step_delay=0.05, mode=mode) as s:
         async def main():
             async with httpx.AsyncClient(timeout=30) as client:
                 return await asyncio.gather(*(client.post(s.url + "/v1/completions", json={
@@ -273,8 +308,9 @@ def test_queue_full_is_429(model):
         s.wait_idle()
 
 
-def test_shutting_down_is_503_and_in_flight_streams_end_with_an_error(model):
-    with serving(model, step_delay=0.02, shutdown_timeout=0.3) as s:
+@pytest.mark.parametrize("mode", MODES)
+def test_shutting_down_is_503_and_in_flight_streams_end_with_an_error(model, mode):
+    with serving(model, step_delay=0.02, shutdown_timeout=0.3, mode=mode) as s:
         stream = s.client.completions.create(model=NAME, prompt="Hi", max_tokens=400, stream=True,
                                              extra_body={"ignore_eos": True})
         first = next(stream)
@@ -289,17 +325,13 @@ def test_shutting_down_is_503_and_in_flight_streams_end_with_an_error(model):
         s.wait_idle()
 
 
-def test_engine_failure_turns_health_unhealthy_and_fails_fast(model):
-    with serving(model) as s:
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_failure_turns_health_unhealthy_and_fails_fast(model, mode):
+    setup = functools.partial(failing_child_steps, 5) if mode == "process" else None
+    with serving(model, mode=mode, child_setup=setup) as s:
         assert httpx.get(s.url + "/health").status_code == 200
-        real, calls = s.engine._llm.step, []
-
-        def failing_step():
-            calls.append(1)
-            if len(calls) > 5:
-                raise RuntimeError("injected device failure")
-            return real()
-        s.engine._llm.step = failing_step
+        if mode == "thread":
+            failing_child_steps(5, s.engine._llm)
         stream = s.client.completions.create(model=NAME, prompt="Hi", max_tokens=50, stream=True,
                                              extra_body={"ignore_eos": True})
         with pytest.raises(openai.APIError, match="engine has stopped"):   # mid-stream: an error event
@@ -310,6 +342,67 @@ def test_engine_failure_turns_health_unhealthy_and_fails_fast(model):
         start = time.monotonic()
         assert_error(s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}), 503)
         assert time.monotonic() - start < 1
+
+
+def test_engine_process_crash_turns_health_unhealthy_and_fails_fast(model):
+    """The child killed mid-stream: the stream ends with an error event, /health turns
+    unhealthy at once (no request needed to notice), new requests get 503 without waiting."""
+    with serving(model, mode="process", step_delay=0.02) as s:
+        stream = s.client.completions.create(model=NAME, prompt="Hi", max_tokens=400, stream=True,
+                                             extra_body={"ignore_eos": True})
+        next(stream)
+        os.kill(s.engine._process.pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine has stopped"):
+            for _ in stream:
+                pass
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and "exited" in health.json()["reason"]
+        start = time.monotonic()
+        assert_error(s.post("/v1/completions", {"prompt": "Hi"}), 503)
+        assert time.monotonic() - start < 1
+
+
+def test_engine_process_interface(model, offline):
+    """EngineProcess directly: typed errors at construction and per request (rebuilt in this
+    process, parameter kept), greedy outputs equal offline generate, abort ends a stream, a
+    closed stream is aborted, shutdown fails live callers with EngineDead and ends the child."""
+    from functional_llm.errors import EngineDead, InvalidConfig, InvalidPrompt
+    with pytest.raises(InvalidConfig):
+        EngineProcess(model, num_kv_blocks=0)
+    engine = EngineProcess(model, **SMALL)
+    proc = engine._process
+
+    async def main():
+        with pytest.raises(InvalidPrompt) as bad:
+            await anext(engine.generate([999], greedy(3)))
+        assert bad.value.parameter == "prompt"
+        want = offline.generate([5, 6, 7], greedy(10), use_tqdm=False)[0]
+        outs = [o async for o in engine.generate([5, 6, 7], greedy(10), "a")]
+        assert [t for o in outs for t in o.delta_token_ids] == list(want.token_ids)
+        assert "".join(o.delta_text for o in outs) == want.text and outs[-1].finish_reason == "length"
+        assert outs[0].prompt_token_ids == (5, 6, 7) and not any(o.finished for o in outs[:-1])
+        long = SamplingParams(max_tokens=400, ignore_eos=True)
+        gen = engine.generate([1, 2, 3], long, "b")
+        await anext(gen)
+        await engine.abort("b")
+        rest = [o async for o in gen]                        # what was on its way, then the end
+        assert not any(o.finished for o in rest) and len(rest) < 400
+        gen = engine.generate([1, 2, 3], long, "c")
+        await anext(gen)
+        await gen.aclose()                                   # the caller left: aborted
+        await engine.abort("nothing")                        # answered once "c" is gone too
+        assert engine.counters["num_running"] == 0 and engine.counters["blocks_in_use"] == 0
+        live = engine.generate([1, 2, 3], long, "d")
+        await anext(live)
+        engine.shutdown()
+        with pytest.raises(EngineDead):
+            async for _ in live:
+                pass
+        with pytest.raises(EngineDead):
+            await anext(engine.generate([1, 2], greedy(2)))
+    asyncio.run(main())
+    assert not proc.is_alive() and proc.exitcode == 0 and engine.dead_reason == "the engine was shut down"
+    engine.shutdown()                                        # idempotent
 
 
 # -- disconnects, metrics ---------------------------------------------------------------------
@@ -335,7 +428,7 @@ def test_concurrent_streams_with_a_third_disconnecting(served, offline):
                 pieces.append(chunk["choices"][0]["text"])
                 finishes.append(chunk["choices"][0]["finish_reason"])
                 if i in quitters and len(pieces) == 1 + i % 5:
-                    return prompt, None, None, False     # leaving the block closes the connection
+                    return prompt, len("".join(pieces)), None, False   # leaving the block closes the connection
         raise AssertionError("the stream ended without [DONE]")
 
     async def main():
@@ -348,11 +441,15 @@ def test_concurrent_streams_with_a_third_disconnecting(served, offline):
     for prompt, text, finishes, _ in done:
         assert text == wants[prompt] and finishes[-1] == "length" and set(finishes[:-1]) == {None}
     generated = served.wait_idle(timeout=15)["functional_llm:generation_tokens_total"] - before
-    assert generated < 43 * 30 + 21 * 20     # the quitters stopped within a few tokens
+    # the quitters stopped a few tokens after what they had read (a chunk may carry several
+    # tokens: an engine that runs ahead of the HTTP side sends fewer, larger chunks)
+    read = sum(r[1] for r in results if not r[3])   # a character per token
+    assert generated - 43 * 30 < read + 21 * 20
 
 
-def test_a_disconnect_aborts_within_one_step(model):
-    with serving(model, step_delay=0.05) as s:
+@pytest.mark.parametrize("mode", MODES)
+def test_a_disconnect_aborts_within_one_step(model, mode):
+    with serving(model, step_delay=0.05, mode=mode) as s:
         steps = lambda: s.engine.counters["steps"]   # noqa: E731
         body = {"prompt": "Hi", "max_tokens": 400, "ignore_eos": True}
         with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}) as r:
@@ -371,8 +468,9 @@ def test_a_disconnect_aborts_within_one_step(model):
         assert s.metrics().get('functional_llm:request_success_total{finished_reason="length"}', 0) == 0
 
 
-def test_metrics_count_what_was_served(model):
-    with serving(model) as s:
+@pytest.mark.parametrize("mode", MODES)
+def test_metrics_count_what_was_served(model, mode):
+    with serving(model, mode=mode) as s:
         s.client.completions.create(model=NAME, prompt="Hello", max_tokens=6, temperature=0)
         s.client.completions.create(model=NAME, prompt="Hello", max_tokens=6, temperature=0, stop=["\x00"],
                                     stream=True).close()

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP app over one AsyncLLM: routes, request checks, errors, draining.
 
 Each choice of a request is one AsyncLLM.generate call (n > 1: n calls sharing the prompt, so
-the prefix cache shares its blocks). The engine loop runs in its own thread; this event loop
-only parses, renders and waits. How a request is run and answered (streams, disconnects)
-is respond.py's part.
+the prefix cache shares its blocks). The engine loop runs in a child process (EngineProcess,
+the CLI's default) or a thread (AsyncLLM); this event loop only parses, renders and waits.
+How a request is run and answered (streams, disconnects) is respond.py's part.
 """
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ class Server:
             token = given[7:] if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), key.encode()):
                 raise APIError(401, "missing or wrong API key", type="authentication_error")
-        if self.dead is not None:
-            raise APIError(503, f"the engine has stopped: {self.dead}", type="engine_dead")
+        dead = self.dead or getattr(self.engine, "dead_reason", None)
+        if dead is not None:
+            raise APIError(503, f"the engine has stopped: {dead}", type="engine_dead")
 
     async def body(self, request: Request, record):
         """The body parsed into `record`: 413 past max_body_bytes (read no further), 400 for
@@ -116,8 +117,9 @@ class Server:
 
     # -- generation -----------------------------------------------------------------------------
     async def outputs(self, choices: list, rid: str) -> AsyncIterator:
-        """(choice, RequestOutput) from every choice's generate call as they come. Closing or
-        cancelling this generator cancels the calls (AsyncLLM aborts their requests)."""
+        """Lists of (choice, RequestOutput) from every choice's generate call: all that have
+        come by the time the consumer asks (one or more; a slow consumer gets longer lists).
+        Closing or cancelling this generator cancels the calls (the engine aborts them)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice) -> None:   # one respond._Choice
@@ -138,18 +140,25 @@ class Server:
         try:
             unfinished = len(choices)
             while unfinished:
-                choice, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                unfinished -= item.finished
-                yield choice, item
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                ready = []
+                for pair in batch:
+                    if isinstance(pair[1], BaseException):
+                        if ready:
+                            yield ready
+                        raise pair[1]
+                    unfinished -= pair[1].finished
+                    ready.append(pair)
+                yield ready
         finally:
             for task in tasks:
                 task.cancel()
 
 
 def build_app(engine, tokenizer, config: ServeConfig, owns_engine: bool = False) -> FastAPI:
-    """The FastAPI app serving `engine`, an AsyncLLM; with owns_engine the app shuts it down
+    """The FastAPI app serving `engine`, an AsyncLLM or EngineProcess; with owns_engine the app shuts it down
     when the server stops (after the open requests have ended), else the caller does."""
 
     @contextlib.asynccontextmanager
@@ -175,8 +184,9 @@ def build_app(engine, tokenizer, config: ServeConfig, owns_engine: bool = False)
 
     @app.get("/health")
     async def health():
-        if server.dead is not None:
-            return JSONResponse({"status": "unhealthy", "reason": server.dead}, status_code=503)
+        dead = server.dead or getattr(engine, "dead_reason", None)   # EngineProcess: a crash
+        if dead is not None:
+            return JSONResponse({"status": "unhealthy", "reason": dead}, status_code=503)
         return {"status": "draining" if server.draining else "ok"}
 
     @app.get("/metrics")

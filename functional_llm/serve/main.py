@@ -1,7 +1,8 @@
 """`functional-llm serve`: the OpenAI-compatible server on uvicorn.
 
 The LLM's options are generated from `LLM.__init__`'s signature and type hints, so an option
-added there appears here without an edit. SIGINT / SIGTERM (uvicorn's handlers) start a
+added there appears here without an edit. The engine runs in a child process
+(--engine-mode process, engine_process.py) or a thread of this one. SIGINT / SIGTERM (uvicorn's handlers) start a
 graceful shutdown: new requests get 503, those in flight run for up to --shutdown-timeout and
 are then aborted (streams end with an error event), then the engine is shut down. As uvicorn
 does, the signal is raised again at the end: after SIGINT the command returns 0, SIGTERM ends
@@ -60,6 +61,9 @@ def parser() -> tuple[argparse.ArgumentParser, list]:
     ap.add_argument("--max-body-bytes", type=byte_size, default=4 << 20, help="default: 4MiB (413 past it)")
     ap.add_argument("--shutdown-timeout", type=float, default=10.0,
                     help="seconds in-flight requests may run after SIGINT/SIGTERM")
+    ap.add_argument("--engine-mode", choices=("process", "thread"), default="process",
+                    help="process (default): the LLM runs in a child process, so the HTTP side "
+                         "never takes the engine's GIL; thread: in a thread of the server's process")
     return ap, _engine_options(ap)
 
 
@@ -77,13 +81,16 @@ def main(argv=None) -> int:
         return 2
     from pathlib import Path
 
-    from functional_llm import AsyncLLM
     from functional_llm.llm import _tokenizer
     from functional_llm.model.gguf import ensure_default_model
 
     options = {name: getattr(args, name) for name in engine_names}
     options["model"] = options["model"] or ensure_default_model()
-    engine = AsyncLLM(**options, max_waiting=args.max_waiting)
+    if args.engine_mode == "process":
+        from functional_llm.serve.engine_process import EngineProcess as Engine
+    else:
+        from functional_llm import AsyncLLM as Engine
+    engine = Engine(**options, max_waiting=args.max_waiting)
     try:
         name = args.served_model_name or Path(options["model"]).name
         app = build_app(engine, _tokenizer(Path(options["model"])), ServeConfig(

@@ -5,7 +5,9 @@ work (`_unless_disconnected` for the whole answer or a stream's first output, `_
 rest of a stream): the work is cancelled, which closes its generate calls, and AsyncLLM aborts
 them before its next step. A stream's first output (or the request's error) is awaited before
 the 200 goes out, so a refused request gets its status; later errors end the stream with an
-error event."""
+error event. A stream sends what has come by the time it writes: several outputs of a choice
+make one chunk (their text joined), and a slow HTTP side sends fewer, larger chunks rather than
+holding the engine back."""
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +27,7 @@ class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-@attrs.define
+@attrs.define(eq=False)   # a dict key by identity (respond groups outputs by choice)
 class _Choice:
     """One choice being generated: its prompt, params, and what has come so far."""
     index: int
@@ -68,13 +70,16 @@ async def respond(server, request: Request, req, prompts: list, max_tokens: int,
             if chat:   # the role comes first, once per choice (as OpenAI sends it)
                 yield _sse(envelope(kind, rid, model, [{"index": c.index, "delta": {"role": "assistant",
                            "content": ""}, "logprobs": None, "finish_reason": None} for c in choices]))
-            item = first
-            while item is not None:
-                choice, out = item
-                piece = _take(choice, out, k)
-                if piece["text"] or out.finished:
-                    yield _sse(envelope(kind, rid, model, [_choice_body(choice, k, chat, piece=piece)]))
-                item = await _engine_errors(server, anext(stream, None))
+            batch = first
+            while batch is not None:   # all outputs queued by now: one chunk per choice, one write
+                chunks = []
+                for choice, outs in _by_choice(batch).items():
+                    piece = _take(choice, outs, k)
+                    if piece["text"] or choice.finish_reason is not None:
+                        chunks.append(_sse(envelope(kind, rid, model, [_choice_body(choice, k, chat, piece=piece)])))
+                if chunks:
+                    yield "".join(chunks)
+                batch = await _engine_errors(server, anext(stream, None))
             if include_usage:
                 yield _sse(envelope(kind, rid, model, [], usage(num_prompt, sum(len(c.token_ids) for c in choices))))
         except APIError as e:   # the 200 is out: the stream ends with an error event
@@ -86,14 +91,23 @@ async def respond(server, request: Request, req, prompts: list, max_tokens: int,
     return _SSE(events(), media_type="text/event-stream")
 
 
-def _take(choice: _Choice, out, k) -> dict:
-    """Fold one output into its choice; returns the new piece (text, token ids, logprobs)."""
-    piece = {"text": out.delta_text, "token_ids": list(out.delta_token_ids),
-             "logprobs": list(out.delta_logprobs or ()), "offset": len(choice.text)}
-    choice.text += out.delta_text
+def _by_choice(batch) -> dict:
+    """A batch's outputs grouped by choice, in order (choices in the order they first appear)."""
+    grouped: dict = {}
+    for choice, out in batch:
+        grouped.setdefault(choice, []).append(out)
+    return grouped
+
+
+def _take(choice: _Choice, outs: list, k) -> dict:
+    """Fold a choice's consecutive outputs into it; returns the new piece they make together
+    (text and token ids, logprobs concatenated; the finish reason is the last output's)."""
+    piece = {"text": "".join(o.delta_text for o in outs), "token_ids": [t for o in outs for t in o.delta_token_ids],
+             "logprobs": [lp for o in outs for lp in (o.delta_logprobs or ())], "offset": len(choice.text)}
+    choice.text += piece["text"]
     choice.token_ids += piece["token_ids"]
     choice.logprobs += piece["logprobs"]
-    choice.finish_reason = out.finish_reason
+    choice.finish_reason = outs[-1].finish_reason
     return piece
 
 
@@ -116,8 +130,9 @@ def _choice_body(choice: _Choice, k, chat: bool, final: bool = False, piece: Opt
 
 
 async def _drain(stream: AsyncIterator, k) -> None:
-    async for choice, out in stream:
-        _take(choice, out, k)
+    async for batch in stream:
+        for choice, outs in _by_choice(batch).items():
+            _take(choice, outs, k)
 
 
 async def _engine_errors(server, awaitable):

@@ -1,0 +1,370 @@
+"""EngineProcess: AsyncLLM's interface with the LLM in a child process of its own.
+
+In the server's process the engine-loop thread shares the GIL with the HTTP side (uvicorn,
+asyncio, JSON, one SSE chunk per token): at saturation the HTTP side took most of it and the
+engine stepped ~3x slower than offline. Here the child (a 'spawn' process: CUDA is never
+initialised in the server's process) owns the LLM and runs the loop: it applies every command
+queued between two steps (add, abort, shutdown), steps while anything is unfinished, blocks on
+the command pipe when idle, and after each step sends ONE message with every request's delta,
+the counters, the aborts done and the adds refused. In the server's process a reader thread
+unpickles that message and hands it to each event loop with one call_soon_threadsafe.
+
+The interface is what the server uses of AsyncLLM: `generate` (an async iterator of outputs
+carrying request_id, prompt_token_ids, finish_reason, finished, num_cached_tokens, delta_text,
+delta_token_ids, delta_logprobs), `abort`, `counters`, `shutdown`, plus `dead_reason` (the
+reason once the engine has stopped, e.g. the child crashed). A step that raises, or a child
+that dies, fails every live request with EngineDead and every later call at once."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import multiprocessing
+import pickle
+import signal
+import threading
+import uuid
+from typing import Any, AsyncIterator, Callable, Optional
+
+from functional_llm import errors
+from functional_llm.errors import EngineDead, InvalidConfig, QueueFull
+
+_END = object()   # a stream's last item when its request was aborted by `abort`
+
+
+class StreamOutput:
+    """One request's delta from one step (RequestOutput's fields the server reads)."""
+    __slots__ = ("request_id", "prompt_token_ids", "finish_reason", "num_cached_tokens",
+                 "delta_text", "delta_token_ids", "delta_logprobs")
+
+    def __init__(self, request_id, prompt_token_ids, finish_reason, num_cached_tokens, delta_text,
+                 delta_token_ids, delta_logprobs):
+        self.request_id, self.prompt_token_ids, self.finish_reason = request_id, prompt_token_ids, finish_reason
+        self.num_cached_tokens, self.delta_text = num_cached_tokens, delta_text
+        self.delta_token_ids, self.delta_logprobs = delta_token_ids, delta_logprobs
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class _Stream:
+    """Where one generate() call's outputs go."""
+    __slots__ = ("loop", "queue", "prompt_token_ids")
+
+    def __init__(self, loop, queue):
+        self.loop, self.queue, self.prompt_token_ids = loop, queue, ()
+
+
+class EngineProcess:
+    """`AsyncLLM(*args, max_waiting=..., **kwargs)` with the LLM in a child process.
+
+    Construction starts the child and waits until its LLM is built: the LLM's typed errors are
+    raised here. `child_setup`, a picklable callable, is called with the LLM in the child before
+    the loop starts (tests use it to slow or break steps). Call shutdown() when done."""
+
+    def __init__(self, *args, max_waiting: Optional[int] = None,
+                 child_setup: Optional[Callable] = None, **kwargs):
+        if max_waiting is not None and (type(max_waiting) is not int or max_waiting < 1):
+            raise InvalidConfig("max_waiting", max_waiting, "must be a positive int or None")
+        ctx = multiprocessing.get_context("spawn")
+        commands_out, self._commands = ctx.Pipe(duplex=False)   # (reader, writer)
+        self._events, events_in = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_child_main, name="functional-llm-engine", daemon=True,
+                                    args=(commands_out, events_in, args, kwargs, max_waiting, child_setup))
+        self._process.start()
+        commands_out.close(), events_in.close()   # the child's ends: EOF when it exits
+        self._send_lock = threading.Lock()        # the pipe's writers: event loops, shutdown
+        self._lock = threading.Lock()             # streams registered vs the engine dying
+        self._streams: dict[str, _Stream] = {}
+        self._aborts: dict[int, concurrent.futures.Future] = {}
+        self._next_abort = 0
+        self._dead_reason: Optional[str] = None
+        self._dead_cause: Optional[BaseException] = None
+        try:
+            kind, payload = self._events.recv()
+        except EOFError:
+            kind, payload = "failed", RuntimeError(f"the engine process exited ({self._process.exitcode})")
+        if kind == "failed":
+            self._process.join()
+            self._close_pipes()
+            raise _rebuild(payload)
+        self._counters = payload
+        self._reader = threading.Thread(target=self._read, name="functional-llm-engine-reader", daemon=True)
+        self._reader.start()
+
+    # -- caller side ------------------------------------------------------------------------------
+    async def generate(self, prompt, sampling_params=None,
+                       request_id: Optional[str] = None) -> AsyncIterator[StreamOutput]:
+        """As AsyncLLM.generate: the request's outputs as the engine makes them, the last one
+        finished; the LLM's typed errors (or QueueFull) before anything is admitted; EngineDead
+        if the engine stops. Closing or cancelling the iterator aborts the request."""
+        rid = uuid.uuid4().hex if request_id is None else str(request_id)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._dead_reason is not None:
+                raise self._error()
+            if rid in self._streams:
+                raise errors.InvalidPrompt("request_id", rid, "is already in use by a live request")
+            self._streams[rid] = stream
+        if not self._send(("add", rid, prompt, sampling_params)):
+            self._streams.pop(rid, None)
+            raise self._error()
+        ended = False
+        try:
+            while not ended:
+                item = await stream.queue.get()
+                ended = item is _END or isinstance(item, BaseException) or item.finish_reason is not None
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not _END:
+                    yield item
+        finally:
+            if not ended and self._streams.pop(rid, None) is not None:
+                self._send(("abort", rid, None))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request and free its blocks; returns once the engine has done it (ids not
+        live are ignored). Its stream ends without a further output."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._dead_reason is not None:
+                return
+            token, self._next_abort = self._next_abort, self._next_abort + 1
+            self._aborts[token] = done
+        if self._send(("abort", str(request_id), token)):
+            await asyncio.wrap_future(done)
+
+    @property
+    def counters(self) -> dict:
+        """LLM.counters as of the engine's last message (a copy)."""
+        return dict(self._counters)
+
+    @property
+    def dead_reason(self) -> Optional[str]:
+        """None while the engine runs; why it stopped once it has."""
+        return self._dead_reason
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort every request (their callers get EngineDead), stop the child, close the LLM.
+        Idempotent; returns when the child has exited (killed after `timeout` seconds)."""
+        self._send(("shutdown", None, None))
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout)
+        self._die("the engine was shut down", None)
+        self._close_pipes()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _send(self, command) -> bool:
+        with self._send_lock:
+            if self._dead_reason is not None or self._commands.closed:
+                return False
+            try:
+                self._commands.send(command)
+                return True
+            except (OSError, ValueError):   # the child is gone: the reader reports why
+                return False
+
+    def _error(self) -> EngineDead:
+        err = EngineDead(self._dead_reason)
+        err.__cause__ = self._dead_cause
+        return err
+
+    def _close_pipes(self) -> None:
+        with self._send_lock:
+            self._commands.close()
+        with contextlib.suppress(Exception):
+            if threading.current_thread() is not getattr(self, "_reader", None):
+                self._events.close()
+
+    # -- the reader thread ------------------------------------------------------------------------
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self._events.recv()
+                if message[0] == "dead":
+                    return self._die(message[1], _rebuild(message[2]) if message[2] is not None else None)
+                self._handle(message)
+        except (EOFError, OSError):
+            self._die(f"the engine process exited (exit code {self._process.exitcode})", None)
+        except BaseException as exc:   # a message that did not unpickle...: nothing more is trusted
+            self._die(f"the engine's messages failed: {type(exc).__name__}: {exc}", exc)
+            with contextlib.suppress(Exception):
+                self._process.kill()
+
+    def _handle(self, message) -> None:
+        """('step', counters, aborts done, [(rid, error)], ended rids, outputs): counters first,
+        so a caller seeing its last output (or its abort done) sees its blocks freed."""
+        _, self._counters, aborts_done, refused, ended, outputs = message
+        per_loop: dict = {}
+        streams = self._streams
+        for rid, exc in refused:
+            stream = streams.pop(rid, None)
+            if stream is not None:
+                per_loop.setdefault(stream.loop, []).append((stream.queue, _rebuild(exc)))
+        for rid in ended:
+            stream = streams.pop(rid, None)
+            if stream is not None:
+                per_loop.setdefault(stream.loop, []).append((stream.queue, _END))
+        for rid, prompt_ids, finish, cached, text, ids, logprobs in outputs:
+            stream = streams.get(rid)
+            if stream is None:
+                continue   # its caller has gone (the abort is on its way)
+            if prompt_ids is not None:
+                stream.prompt_token_ids = prompt_ids
+            if finish is not None:
+                del streams[rid]
+            per_loop.setdefault(stream.loop, []).append(
+                (stream.queue, StreamOutput(rid, stream.prompt_token_ids, finish, cached, text, ids, logprobs)))
+        for loop, items in per_loop.items():
+            with contextlib.suppress(RuntimeError):   # a closed loop: nobody reads those streams
+                loop.call_soon_threadsafe(_put_all, items)
+        for token in aborts_done:
+            done = self._aborts.pop(token, None)
+            if done is not None and done.set_running_or_notify_cancel():
+                done.set_result(None)
+
+    def _die(self, reason: str, cause: Optional[BaseException]) -> None:
+        """Every live stream gets EngineDead, every pending abort is done; later calls fail fast."""
+        with self._lock:
+            if self._dead_reason is not None:
+                return
+            self._dead_reason, self._dead_cause = reason, cause
+            streams, self._streams = self._streams, {}
+            aborts, self._aborts = self._aborts, {}
+        per_loop: dict = {}
+        for stream in streams.values():
+            per_loop.setdefault(stream.loop, []).append((stream.queue, self._error()))
+        for loop, items in per_loop.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
+        for done in aborts.values():
+            if done.set_running_or_notify_cancel():
+                done.set_result(None)
+        self._counters = dict(self._counters, num_running=0, num_waiting=0, blocks_in_use=0)
+
+
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _portable(exc: BaseException):
+    """An exception that pickles: the package's typed errors travel as (class name, parameter,
+    value, message) (their __init__ does not take their args back), others as themselves, or as
+    a RuntimeError naming them when they do not pickle."""
+    if isinstance(exc, errors.FunctionalLLMError):
+        value = exc.value
+        try:
+            pickle.dumps(value)
+        except Exception:
+            value = repr(value)
+        return ("typed", type(exc).__name__, exc.parameter, value, str(exc))
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _rebuild(payload) -> BaseException:
+    if isinstance(payload, tuple) and payload[:1] == ("typed",):
+        _, name, parameter, value, message = payload
+        cls = getattr(errors, name, errors.FunctionalLLMError)
+        exc = cls.__new__(cls)
+        ValueError.__init__(exc, message)
+        exc.parameter, exc.value = parameter, value
+        return exc
+    return payload
+
+
+# -- the child process --------------------------------------------------------------------------
+def _child_main(commands, events, args, kwargs, max_waiting, child_setup) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's ^C reaches the whole group: the
+    try:                                           # server decides when the engine stops
+        from functional_llm.llm import LLM
+        llm = LLM(*args, **kwargs)
+        if child_setup is not None:
+            child_setup(llm)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            events.send(("failed", _portable(exc)))
+        return
+    events.send(("ready", llm.counters))
+    try:
+        reason, cause = _child_loop(llm, commands, events, max_waiting)
+    except (EOFError, OSError, BrokenPipeError):   # the server's process has gone
+        reason, cause = None, None
+    except BaseException as exc:   # the LLM may be inconsistent now: no further step
+        reason, cause = f"the engine loop failed: {type(exc).__name__}: {exc}", _portable(exc)
+    with contextlib.suppress(Exception):
+        llm.close()
+    if reason is not None:
+        with contextlib.suppress(Exception):
+            events.send(("dead", reason, cause))
+    events.close()
+
+
+def _child_loop(llm, commands, events, max_waiting):
+    """Returns (reason, cause) when told to shut down; a failing step raises."""
+    live: set = set()       # request ids in the LLM
+    waiting: set = set()    # admitted, no token yet
+    first: set = set()      # no output sent yet (the first carries the prompt ids)
+    while True:
+        batch = [] if llm.has_unfinished_requests() else [commands.recv()]   # idle: sleep
+        while commands.poll():
+            batch.append(commands.recv())
+        aborts_done, refused, ended = [], [], []
+        for command in batch:
+            kind, rid, arg = command[:3]
+            if kind == "add":
+                try:
+                    if max_waiting is not None and len(waiting) >= max_waiting:
+                        raise QueueFull("max_waiting", max_waiting,
+                                        f"{len(waiting)} requests are waiting to start; retry later")
+                    llm.add_request(arg, command[3], rid)
+                except Exception as exc:   # raised before admitting anything: only this caller fails
+                    refused.append((rid, _portable(exc)))
+                    continue
+                live.add(rid), waiting.add(rid), first.add(rid)
+            elif kind == "abort":
+                if rid in live:
+                    llm.abort(rid)
+                    live.discard(rid), waiting.discard(rid), first.discard(rid)
+                    if arg is not None:
+                        ended.append(rid)
+                if arg is not None:
+                    aborts_done.append(arg)
+            else:   # shutdown: free every live request's blocks
+                for rid in live:
+                    with contextlib.suppress(Exception):
+                        llm.abort(rid)
+                return "the engine was shut down", None
+        outputs = []
+        if llm.has_unfinished_requests():
+            for out in llm.step():
+                rid = out.request_id
+                if rid not in live:
+                    continue
+                ids = out.delta_token_ids
+                if ids or out.finished:
+                    waiting.discard(rid)
+                if out.finished:
+                    live.discard(rid)
+                prompt = None
+                if rid in first:
+                    first.discard(rid)
+                    prompt = tuple(out.prompt_token_ids)
+                outputs.append((rid, prompt, out.finish_reason, out.num_cached_tokens, out.delta_text,
+                                tuple(ids), out.delta_logprobs))
+        events.send(("step", llm.counters, aborts_done, refused, ended, outputs))
+
