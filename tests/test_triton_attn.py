@@ -238,3 +238,32 @@ def test_shapes_the_kernels_cannot_serve_are_typed_before_anything_starts(tmp_pa
     with pytest.raises(InvalidConfig) as e:
         LLM(str(folder), device="cpu", attention_backend="triton", block_size=12)
     assert e.value.parameter == "block_size" and not built
+
+
+@pytest.mark.parametrize("norms,dtype,tol", [(True, torch.float32, 1e-5), (False, torch.float32, 1e-5),
+                                             (True, torch.float16, 2e-2)])
+def test_fused_norm_rope_kv_write_matches_reference(norms, dtype, tol):
+    """The triton backend given q/k as projected plus `rope` (one kernel: q/k per-head norm,
+    rotation, KV write) against model.llama.qk_norm_rope followed by the reference backend."""
+    from functional_llm.model.llama import qk_norm_rope, rope_cos_sin
+    q, k, v, k_cache, v_cache, batch = make_case([20, 0, 9], [1, 7, 3], 8, 2, 3, 32, dtype, seed=3)
+    positions = torch.cat([torch.arange(s - n, s) for s, n in
+                           zip(batch.seq_lens.tolist(), (1, 7, 3))]).to(DEVICE)
+    cos, sin = rope_cos_sin(positions, 32, 1e4, dtype)
+    g = torch.Generator().manual_seed(5)
+    weights = [(1 + 0.3 * torch.randn(32, generator=g)).to(dtype).to(DEVICE) for _ in "qk"] if norms else [None, None]
+    results = []
+    for fused in (False, True):
+        kv = pool(k_cache, v_cache)
+        if fused:
+            out = TritonBackend(**SMALL_TILES).forward(q, k, v, kv, 0, batch, 32 ** -0.5,
+                                                       rope=(cos, sin, *weights, 1e-6))
+        else:
+            qr, kr = qk_norm_rope(q, k, *weights, cos, sin, 1e-6)
+            out = ReferenceBackend().forward(qr, kr, v, kv, 0, ReferenceBackend().prepare(batch), 32 ** -0.5)
+        results.append((out, kv))
+    (ref, ref_kv), (out, kv) = results
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(kv.float(), ref_kv.float(), rtol=tol, atol=tol, equal_nan=True)
+    assert not torch.equal(kv[0, 0], pool(k_cache, v_cache)[0, 0])     # keys really written

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import attrs
 import torch
@@ -86,6 +87,51 @@ def _write_kv(k, v, k_cache, v_cache, slot_mapping, stride_kt, stride_kh, stride
     dst = (slot // PAGE) * stride_n + (slot % PAGE) * stride_s + h * stride_h + d
     tl.store(k_cache + dst, tl.load(k + t * stride_kt + h * stride_kh + d, mask=mask), mask=mask)
     tl.store(v_cache + dst, tl.load(v + t * stride_vt + h * stride_vh + d, mask=mask), mask=mask)
+
+
+@_jit
+def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, D: tl.constexpr):
+    """Rows x [R, D] (and xp, the same rows at the partner columns) -> per-row RMSNorm with
+    weight w (if NORM; rounded to the input dtype before the weight, as model.llama.rms_norm),
+    then rotated: x * cos + rotate_half(x) * sin, with the sign folded into s. fp32 out."""
+    dtype = x.dtype
+    x, xp = x.to(tl.float32), xp.to(tl.float32)
+    if NORM:
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        x = (x * r).to(dtype).to(tl.float32) * tl.load(w + d).to(tl.float32)[None, :]
+        xp = (xp * r).to(dtype).to(tl.float32) * tl.load(w + partner).to(tl.float32)[None, :]
+    return x * c[None, :] + xp * s[None, :]
+
+
+@_jit
+def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, slot_mapping, cos, sin, q_norm, k_norm,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_n,
+                   stride_s, stride_h, H, K, eps, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+                   D: tl.constexpr, PAGE: tl.constexpr):
+    """Token t: q/k per-head norm (Qwen3) and rope, q into q_out [T, H, D], k and v into the
+    pool at slot_mapping[t] (negative: not written). One kernel for what was three."""
+    t = tl.program_id(0)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, D)
+    partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
+    c = tl.load(cos + t * D + d).to(tl.float32)
+    s = tl.load(sin + t * D + d).to(tl.float32) * tl.where(d < D // 2, -1.0, 1.0)
+    rows = q + t * stride_qt + h * stride_qh
+    qm = (h < H) & (d[None, :] < D)
+    x = _norm_rope(tl.load(rows + d[None, :], mask=qm, other=0.0),
+                   tl.load(rows + partner[None, :], mask=qm, other=0.0), q_norm, d, partner,
+                   c, s, eps, NORM, D)
+    tl.store(q_out + (t * H + h) * D + d[None, :], x.to(q_out.dtype.element_ty), mask=qm)
+    slot = tl.load(slot_mapping + t)
+    km = tl.where(slot >= 0, (h < K) & (d[None, :] < D), False)
+    rows = k + t * stride_kt + h * stride_kh
+    x = _norm_rope(tl.load(rows + d[None, :], mask=km, other=0.0),
+                   tl.load(rows + partner[None, :], mask=km, other=0.0), k_norm, d, partner,
+                   c, s, eps, NORM, D)
+    dst = (slot // PAGE) * stride_n + (slot % PAGE) * stride_s + h * stride_h + d[None, :]
+    tl.store(k_cache + dst, x.to(k_cache.dtype.element_ty), mask=km)
+    tl.store(v_cache + dst, tl.load(v + t * stride_vt + h * stride_vh + d[None, :], mask=km),
+             mask=km)
 
 
 @_jit
@@ -226,6 +272,7 @@ class TritonBackend:
     name = "triton"
     capturable = True   # no host sync; launch shapes fixed by the step's tensor shapes
     compilable = True   # forward is one registered op: torch.compile sees a single node
+    fuses_rope = True   # forward takes q/k before their norm and rope (its `rope` argument)
 
     def __init__(self, num_splits: int | None = None, decode_block_n: int | None = None,
                  prefill_block_m: int | None = None, prefill_block_n: int | None = None,
@@ -254,29 +301,38 @@ class TritonBackend:
         return batch     # everything is derived on the device, inside the op
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
-                layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
+                layer: int, batch: AttnBatch, scale: float, rope: tuple | None = None) -> torch.Tensor:
         """q [T, H, D], k/v [T, K, D], kv [L, 2, N, S, K, D] -> out [T, H, D]. Writes k/v into
-        kv[layer] at batch.slot_mapping (negative = skip), then attends causally."""
+        kv[layer] at batch.slot_mapping (negative = skip), then attends causally. rope: (cos,
+        sin [T, D], q_norm, k_norm [D] or None, eps) for q/k not yet normed and rotated: one
+        kernel norms and rotates both and writes the KV (fuses_rope)."""
         return torch.ops.functional_llm.triton_attention(
             q, k, v, kv, layer, batch.slot_mapping, batch.cu_q, batch.seq_lens,
-            batch.block_tables, batch.max_seq_len, scale, self._tile_args)
+            batch.block_tables, batch.max_seq_len, scale, self._tile_args, *(rope or ()))
 
 
 @torch.library.custom_op("functional_llm::triton_attention", mutates_args=("kv",))
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                   layer: int, slot_mapping: torch.Tensor, cu_q: torch.Tensor,
                   seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int,
-                  scale: float, tiles: list[int]) -> torch.Tensor:
-    """The KV write and attention of one layer as one operator: torch.compile keeps it a
-    single node and writes kv in place (the pool is the one mutated input)."""
+                  scale: float, tiles: list[int], cos: Optional[torch.Tensor] = None,
+                  sin: Optional[torch.Tensor] = None, q_norm: Optional[torch.Tensor] = None,
+                  k_norm: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
+    """The KV write (with q/k norm and rope first, when cos is given) and attention of one
+    layer as one operator: torch.compile keeps it a single node and writes kv in place (the
+    pool is the one mutated input)."""
     k_cache, v_cache = kv[layer, 0], kv[layer, 1]
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    if cos is None:
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        q = rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, q_norm, k_norm, eps)
     return attend(q, k_cache, v_cache, cu_q, seq_lens, block_tables, max_seq_len, scale,
                   Tiles(*tiles))
 
 
 @_attention_op.register_fake
-def _(q, k, v, kv, layer, slot_mapping, cu_q, seq_lens, block_tables, max_seq_len, scale, tiles):
+def _(q, k, v, kv, layer, slot_mapping, cu_q, seq_lens, block_tables, max_seq_len, scale, tiles,
+      cos=None, sin=None, q_norm=None, k_norm=None, eps=0.0):
     return q.new_empty(q.shape)
 
 
@@ -349,3 +405,23 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _write_kv[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
                     v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), K,
                     PAGE=k_cache.shape[1], BLOCK_K=triton.next_power_of_2(K), D=D, num_warps=4)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                  eps: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, K, D] as projected -> q normed and rotated [T, H, D]; k normed,
+    rotated and v written into the caches at slot_mapping (model.llama.qk_norm_rope's math)."""
+    T, H, D = q.shape
+    K = k.shape[1]
+    assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    q_out = q.new_empty(T, H, D)
+    norm = q_norm is not None
+    _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, slot_mapping, cos, sin,
+                         q_norm if norm else cos, k_norm if norm else cos, q.stride(0),
+                         q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, K, eps,
+                         NORM=norm, BLOCK_H=triton.next_power_of_2(max(H, K)), D=D,
+                         PAGE=k_cache.shape[1], num_warps=4)
+    return q_out

@@ -107,9 +107,13 @@ def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
     qkv = F.linear(x, params[p + "qkv_proj.weight"], params.get(p + "qkv_proj.bias"))
     q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
     q, k, v = q.view(T, H, D), k.view(T, K, D), v.view(T, K, D)
-    q, k = qk_norm_rope(q, k, params.get(p + "q_norm.weight"), params.get(p + "k_norm.weight"),
-                       cos, sin, cfg.rms_norm_eps)   # Qwen3 norms q and k per head first
-    out = backend.forward(q, k, v, kv, layer, batch, D ** -0.5)              # [T, H, D]
+    rope = (cos, sin, params.get(p + "q_norm.weight"), params.get(p + "k_norm.weight"),
+            cfg.rms_norm_eps)                  # Qwen3 norms q and k per head before the rope
+    if getattr(backend, "fuses_rope", False):  # in the kernel that writes the KV
+        out = backend.forward(q, k, v, kv, layer, batch, D ** -0.5, rope=rope)   # [T, H, D]
+    else:
+        q, k = qk_norm_rope(q, k, *rope[2:4], cos, sin, cfg.rms_norm_eps)
+        out = backend.forward(q, k, v, kv, layer, batch, D ** -0.5)
     return all_reduce(F.linear(out.reshape(T, H * D), params[p + "o_proj.weight"]), mesh)
 
 
