@@ -22,6 +22,13 @@ then starts from the offline process's compiled kernels; rates run in the order 
         --server-args "--max-model-len 4096 --attention-backend triton" --out results/
 On CPU, a toy model: --write-model DIR --tiny --vocab 1024 --num-prompts 4 --max-tokens 32
 --rates 2,inf. client_cpu_pct near 100 means the client, not the server, is the bottleneck.
+With psutil, each row also has the server process's CPU (server_cpu_pct of one core,
+server_cpu_us_per_tok) and its children's (engine_proc_cpu_pct: the engine process, the
+default --engine-mode): the HTTP side's cost per token, whatever else the machine runs.
+--fake-engine STEP_MS serves a fake engine instead (each step holds the GIL for STEP_MS, then
+gives every request a token): the HTTP side's capacity, apart from the model, e.g.
+    python benchmarks/serve.py --write-model /tmp/toy --tiny --vocab 1024 --fake-engine 5 \
+        --max-tokens 256 --rates inf --server-args "--engine-mode thread"
 """
 import argparse
 import asyncio
@@ -220,7 +227,20 @@ def offline_run(model, server_args, reqs, warm) -> dict:
     return out
 
 
-def client_main(args, url, vocab) -> list:
+def cpu_seconds(pid) -> dict:
+    """CPU seconds so far of the server's process and of its children (the engine process):
+    the HTTP side's cost per token, apart from the machine's other load. {} without psutil."""
+    try:
+        import psutil
+        proc = psutil.Process(pid)
+        kids = proc.children(recursive=True)
+        return dict(server=sum(proc.cpu_times()[:2]),
+                    children=sum(sum(k.cpu_times()[:2]) for k in kids if k.is_running()))
+    except Exception:   # no psutil, or a process that has gone
+        return {}
+
+
+def client_main(args, url, vocab, server_pid=None) -> list:
     model = args.served_model_name or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
     reqs = requests_for(args, vocab)
     ctx = multiprocessing.get_context("spawn")   # the parent may hold CUDA (--write-model)
@@ -230,10 +250,16 @@ def client_main(args, url, vocab) -> list:
         for i, rate in enumerate(args.rates):
             # a first token per rate: no rate reuses the prefix-cache blocks of an earlier one
             batch = [([(10001 + i) % vocab] + p[1:], m) for p, m in reqs]
-            before = counters(url)
+            before, cpu0 = counters(url), cpu_seconds(server_pid) if server_pid else {}
             results, duration, cpu = run_rate(pool, args.client_procs, url, model, batch, rate, seed=i)
             row = dict(rate="inf" if math.isinf(rate) else rate, workload=args.workload,
                        **summarize(results, duration), client_cpu_pct=round(100 * cpu / duration, 1))
+            cpu1 = cpu_seconds(server_pid) if cpu0 else {}
+            if cpu1:   # % of one core over the run; the server's CPU microseconds per output token
+                tokens = max(1, sum(n for _, t, n, err in results if err is None and t))
+                row.update(server_cpu_pct=round(100 * (cpu1["server"] - cpu0["server"]) / duration, 1),
+                           engine_proc_cpu_pct=round(100 * (cpu1["children"] - cpu0["children"]) / duration, 1),
+                           server_cpu_us_per_tok=round(1e6 * (cpu1["server"] - cpu0["server"]) / tokens, 1))
             after = counters(url)
             row.update({k: after[k] - before.get(k, 0) for k in after})
             errors = [e for *_, e in results if e is not None]
@@ -270,6 +296,69 @@ def plot(rows, path, title, offline_tok_s=None):
     fig.savefig(path, dpi=120)
 
 
+class _FakeOutput:
+    """What the engine loops and the server read of a RequestOutput."""
+    def __init__(self, rid, prompt, finish):
+        self.request_id, self.prompt_token_ids, self.finish_reason = rid, prompt, finish
+        self.num_cached_tokens, self.delta_text, self.delta_token_ids = 0, " w7", (7,)
+        self.token_ids, self.delta_logprobs, self.finished = (7,), None, finish is not None
+
+
+def fake_engine(step_ms, llm):
+    """Make `llm` a fake engine whose step holds the GIL for step_ms (host work, as a GPU
+    step's Python side does) and gives every live request one token: the HTTP side's cost is
+    then measured apart from the model's. Patches the instance (AsyncLLM's llm, or
+    EngineProcess's child_setup)."""
+    live = {}   # rid -> [prompt ids, tokens left]
+
+    def add_request(prompt, params, rid=None):
+        live[rid] = [tuple(prompt), params.max_tokens]
+        return rid
+
+    def step():
+        end = time.perf_counter() + step_ms / 1e3
+        while time.perf_counter() < end:
+            pass
+        outs = []
+        for rid, item in list(live.items()):
+            item[1] -= 1
+            outs.append(_FakeOutput(rid, item[0], "length" if item[1] == 0 else None))
+            if item[1] == 0:
+                del live[rid]
+        return outs
+    llm.add_request, llm.abort, llm.step = add_request, live.pop, step
+    llm.has_unfinished_requests = lambda: bool(live)
+
+
+def fake_server(port, step_ms, server_args):
+    """The server over fake_engine(step_ms) (--fake-engine): `functional-llm serve`'s options
+    from --server-args (--model: the LLM the fake replaces; --engine-mode)."""
+    import uvicorn
+
+    from functional_llm.serve.app import ServeConfig, build_app
+    from functional_llm.serve.main import make_server, parser
+    ap, names = parser()
+    opts = ap.parse_args(shlex.split(server_args))
+    options = {name: getattr(opts, name) for name in names}
+    if getattr(opts, "engine_mode", "thread") == "process":
+        from functools import partial
+
+        from functional_llm.serve.engine_process import EngineProcess
+        engine = EngineProcess(**options, child_setup=partial(fake_engine, step_ms))
+    else:
+        from functional_llm import AsyncLLM
+        engine = AsyncLLM(**options)
+        fake_engine(step_ms, engine._llm)
+    app = build_app(engine, None, ServeConfig(model_name="fake"), owns_engine=True)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    try:
+        make_server(config, app).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.shutdown()
+
+
 def start_server(args):
     """`functional-llm serve` in its own process; returns it and its URL once /health answers."""
     with socket.socket() as s:           # a free port, unless one was asked for
@@ -277,6 +366,9 @@ def start_server(args):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "functional_llm.cli", "serve", "--model", args.model,
            "--port", str(port), *shlex.split(args.server_args)]
+    if args.fake_engine is not None:
+        cmd = [sys.executable, __file__, "--fake-server", str(port), "--fake-engine", str(args.fake_engine),
+               "--server-args", shlex.join(["--model", args.model, *shlex.split(args.server_args)])]
     proc = subprocess.Popen(cmd, stdout=sys.stderr)   # server logs to stderr: stdout is the JSON lines
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + args.startup_timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -313,7 +405,13 @@ def main():
     ap.add_argument("--server-args", default="", help="more `functional-llm serve` options, one string")
     ap.add_argument("--served-model-name", help="model name to send (default: /v1/models' first)")
     ap.add_argument("--startup-timeout", type=float, default=900)
+    ap.add_argument("--fake-engine", type=float, metavar="STEP_MS", help="serve a fake engine "
+                    "(each step holds the GIL for STEP_MS, then gives every request a token; --model: "
+                    "the LLM it replaces): what the HTTP side can stream when the model costs nothing")
+    ap.add_argument("--fake-server", type=int, metavar="PORT", help=argparse.SUPPRESS)   # start_server's
     args = ap.parse_args()
+    if args.fake_server is not None:
+        return fake_server(args.fake_server, args.fake_engine, args.server_args)
     if args.write_model:
         args.model = write_model(args.write_model, args.vocab or QWEN3_06B["vocab_size"], args.tiny)
     if bool(args.model) == bool(args.url):
@@ -335,7 +433,7 @@ def main():
         print(json.dumps({"offline": report["offline"]}), flush=True)
     proc, url = start_server(args) if args.model else (None, args.url.rstrip("/"))
     try:
-        rows = client_main(args, url, vocab)
+        rows = client_main(args, url, vocab, proc.pid if proc is not None else None)
     finally:
         if proc is not None:   # SIGTERM: the server finishes or aborts what is in flight, then exits
             proc.send_signal(signal.SIGTERM)

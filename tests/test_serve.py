@@ -392,6 +392,11 @@ def test_engine_process_interface(model, offline):
         await gen.aclose()                                   # the caller left: aborted
         await engine.abort("nothing")                        # answered once "c" is gone too
         assert engine.counters["num_running"] == 0 and engine.counters["blocks_in_use"] == 0
+        batches = engine.generate_batches([1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True), "e")
+        first = await anext(batches)
+        time.sleep(0.5)                                      # a busy event loop: outputs pile up
+        later = [b async for b in batches]
+        assert len(later[0]) > 1 and sum(map(len, [first] + later)) == 30 and later[-1][-1].finished
         live = engine.generate([1, 2, 3], long, "d")
         await anext(live)
         engine.shutdown()
@@ -403,6 +408,29 @@ def test_engine_process_interface(model, offline):
     asyncio.run(main())
     assert not proc.is_alive() and proc.exitcode == 0 and engine.dead_reason == "the engine was shut down"
     engine.shutdown()                                        # idempotent
+
+
+def test_outputs_queued_together_make_one_chunk():
+    """A stream folds a choice's queued outputs into one chunk: text and logprobs joined, the
+    offsets running on, finish_reason the last output's."""
+    from types import SimpleNamespace
+
+    from functional_llm.outputs import Logprob
+    from functional_llm.serve.respond import _by_choice, _Choice, _choice_body, _take
+
+    def out(tid, text, finish=None):
+        return SimpleNamespace(delta_text=text, delta_token_ids=(tid,), finish_reason=finish,
+                               delta_logprobs=({tid: Logprob(-0.5, 1, text)},))
+    a, b = _Choice(0, [1], None), _Choice(1, [1], None)
+    batch = [(a, out(5, "He")), (b, out(6, "x")), (a, out(7, "llo")), (a, out(8, "!", "stop"))]
+    pieces = {c.index: _take(c, outs, 1) for c, outs in _by_choice(batch).items()}
+    body = _choice_body(a, 1, False, piece=pieces[0])
+    assert (body["text"], body["finish_reason"]) == ("Hello!", "stop")
+    assert body["logprobs"]["tokens"] == ["He", "llo", "!"] and body["logprobs"]["text_offset"] == [0, 2, 5]
+    assert _choice_body(b, None, True, piece=pieces[1]) == {"index": 1, "logprobs": None, "finish_reason": None,
+                                                           "delta": {"content": "x"}}
+    more = _take(b, [out(9, "y", "length")], None)
+    assert (more["text"], more["offset"], b.text, b.finish_reason) == ("y", 1, "xy", "length")
 
 
 # -- disconnects, metrics ---------------------------------------------------------------------

@@ -73,3 +73,24 @@ def test_offline_and_out_end_to_end(tmp_path):
     except ImportError:
         return
     assert (out / "serve.png").stat().st_size > 0
+
+
+def test_fake_engine_measures_the_http_side(tmp_path):
+    """--fake-engine: the server over a fake engine (every request a token per step) in both
+    engine modes; every token arrives, and with psutil the server's CPU per token is reported."""
+    pytest.importorskip("fastapi")
+    model = bench.write_model(str(tmp_path / "m"), vocab=1024, tiny=True)
+    for mode in ("process", "thread"):
+        cmd = [sys.executable, str(pathlib.Path(bench.__file__)), "--model", model, "--fake-engine", "1",
+               "--num-prompts", "16", "--max-tokens", "40", "--rates", "inf", "--client-procs", "1",
+               "--server-args", f"--engine-mode {mode}"]
+        done = subprocess.run(cmd, check=True, timeout=240, capture_output=True, text=True)
+        [row] = [json.loads(line) for line in done.stdout.splitlines()]
+        assert (row["completed"], row["failed"], row["output_tok_s"] * row["duration_s"]) == (
+            16, 0, pytest.approx(16 * 40, rel=0.01))
+        try:
+            import psutil  # noqa: F401
+        except ImportError:
+            continue
+        assert row["server_cpu_us_per_tok"] > 0
+        assert (row["engine_proc_cpu_pct"] > 0) == (mode == "process")

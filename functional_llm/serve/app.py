@@ -120,6 +120,14 @@ class Server:
         """Lists of (choice, RequestOutput) from every choice's generate call: all that have
         come by the time the consumer asks (one or more; a slow consumer gets longer lists).
         Closing or cancelling this generator cancels the calls (the engine aborts them)."""
+        if len(choices) == 1 and hasattr(self.engine, "generate_batches"):   # EngineProcess, n = 1
+            one = self._one(choices[0], rid)
+            try:
+                async for batch in one:
+                    yield batch
+            finally:   # at once: its request is aborted before the engine's next step
+                await one.aclose()
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice) -> None:   # one respond._Choice
@@ -155,6 +163,23 @@ class Server:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+    async def _one(self, choice, rid: str) -> AsyncIterator:
+        """outputs() of a single choice, straight from the engine's batches (no task, no queue)."""
+        request_id, timer, last = f"{rid}-{choice.index}", self.metrics.request(), None
+        self.live.add(request_id)
+        batches = self.engine.generate_batches(choice.prompt_ids, choice.params, request_id)
+        try:
+            async for batch in batches:
+                for last in batch:
+                    timer.observe(last)
+                yield [(choice, out) for out in batch]
+            if last is None or not last.finished:   # ended by engine.abort: shutdown
+                raise APIError(503, "aborted: the server is shutting down", type="service_unavailable")
+        finally:
+            self.live.discard(request_id)
+            await batches.aclose()
 
 
 def build_app(engine, tokenizer, config: ServeConfig, owns_engine: bool = False) -> FastAPI:

@@ -99,6 +99,19 @@ class EngineProcess:
         """As AsyncLLM.generate: the request's outputs as the engine makes them, the last one
         finished; the LLM's typed errors (or QueueFull) before anything is admitted; EngineDead
         if the engine stops. Closing or cancelling the iterator aborts the request."""
+        batches = self.generate_batches(prompt, sampling_params, request_id)
+        try:
+            async for batch in batches:
+                for out in batch:
+                    yield out
+        finally:
+            await batches.aclose()
+
+    async def generate_batches(self, prompt, sampling_params=None,
+                               request_id: Optional[str] = None) -> AsyncIterator[list]:
+        """generate's outputs in lists: every output that has arrived by the time the caller
+        asks (one or more, in order). What the server streams from: a caller that falls behind
+        takes several steps' outputs in one go instead of one task switch per token."""
         rid = uuid.uuid4().hex if request_id is None else str(request_id)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -110,15 +123,26 @@ class EngineProcess:
         if not self._send(("add", rid, prompt, sampling_params)):
             self._streams.pop(rid, None)
             raise self._error()
-        ended = False
+        ended, queue = False, stream.queue
         try:
             while not ended:
-                item = await stream.queue.get()
-                ended = item is _END or isinstance(item, BaseException) or item.finish_reason is not None
-                if isinstance(item, BaseException):
-                    raise item
-                if item is not _END:
-                    yield item
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                batch = []
+                for item in items:   # an error or _END is a stream's last item
+                    if isinstance(item, BaseException):
+                        ended = True
+                        if batch:
+                            yield batch
+                        raise item
+                    if item is _END:
+                        ended = True
+                        break
+                    batch.append(item)
+                    ended = item.finish_reason is not None
+                if batch:
+                    yield batch
         finally:
             if not ended and self._streams.pop(rid, None) is not None:
                 self._send(("abort", rid, None))
