@@ -37,9 +37,12 @@ def _model_folder(text: str) -> str:
     return text
 
 
-def _model_options() -> argparse.ArgumentParser:
-    """What generate and chat share: the model and how to sample."""
-    common = argparse.ArgumentParser(add_help=False)
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:   # its own parser: the LLM's options come from its signature
+        from functional_llm.serve.main import main as serve
+        return serve(argv[1:])
+    common = argparse.ArgumentParser(add_help=False)   # generate's and chat's: model, sampling
     common.add_argument("--model", type=_model_folder, default=None,
                         help="HF-format folder (default: embedded SmolLM2-135M-Instruct)")
     common.add_argument("--max-tokens", type=_checked(int, lambda n: n >= 1, "must be an int >= 1"))
@@ -51,17 +54,8 @@ def _model_options() -> argparse.ArgumentParser:
     common.add_argument("--device", type=_checked(str, lambda d: re.fullmatch(r"cpu|cuda(:\d+)?", d),
                                                   "expected cpu, cuda or cuda:N"))
     common.add_argument("--dtype", choices=DTYPES)
-    return common
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["serve"]:   # its own parser: the LLM's options come from its signature
-        from functional_llm.serve.main import main as serve
-        return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="functional-llm")
     sub = parser.add_subparsers(dest="command", required=True)
-    common = _model_options()
     gen = sub.add_parser("generate", parents=[common], help="generate a completion for one or more prompts")
     gen.add_argument("prompts", nargs="+")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")

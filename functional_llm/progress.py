@@ -32,9 +32,7 @@ class Progress:
         self.done += 1
         self._show(self.max_tokens[out.request_id] - len(out.token_ids))
 
-    def _show(self, n: int) -> None:
-        if self.bar.disable:
-            return
+    def _show(self, n: int) -> None:   # a disabled bar ignores both calls
         dt = max(time.perf_counter() - self.start, 1e-9)
         self.bar.set_postfix_str(f"{self.done}/{len(self.max_tokens)} prompts, prompt "
                                  f"{self.prefilled / dt:.0f} tok/s, output {self.made / dt:.0f} tok/s",

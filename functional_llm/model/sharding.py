@@ -29,7 +29,6 @@ from functional_llm.model.spec import ParamSpec, param_specs
 
 TP = "tp"                                   # the one mesh axis: tensor parallel
 AXES = ("heads", "kv_heads", "ffw", "vocab", "embed")
-_HEAD_AXES = ("heads", "kv_heads")          # counted in heads of head_dim features
 
 
 def _placement(instance, attribute, value) -> None:
@@ -80,7 +79,8 @@ class Mesh:
 
 
 def _unit(axis: str, head_dim: int) -> int:
-    return head_dim if axis in _HEAD_AXES else 1
+    """The whole unit a split of `axis` cuts in: a head of head_dim features, else one row."""
+    return head_dim if axis in ("heads", "kv_heads") else 1
 
 
 def shard_spec(specs: dict[str, ParamSpec], rules: ShardingRules, world: int, *,

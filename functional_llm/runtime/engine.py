@@ -42,9 +42,8 @@ class _InFlight:
             self.prompt = rids, host.prompt_ids.tolist(), {
                 rid: state.seqs[rid].req.params.prompt_logprobs for rid in set(rids)}
         if out.tokens.is_cuda:
-            self.host = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True) for a in arrays]
-            for h, a in zip(self.host, arrays):
-                h.copy_(a, non_blocking=True)
+            self.host = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+                         .copy_(a, non_blocking=True) for a in arrays]
             self.ready = torch.cuda.Event()
             self.ready.record()
         else:
@@ -60,25 +59,19 @@ class _InFlight:
         if not self.want and self.prompt is None:
             return deltas
         toks, *lists = [h.tolist() for h in self.host]
-        sampled = {}
-        if self.want:
-            lp, rank, top_v, top_i = lists[:4]
-            for i, rid in enumerate(self.sampled):
-                if rid in self.want and rid not in self.gone:
-                    sampled[rid] = _entry(toks[i], lp[i], rank[i], top_i[i], top_v[i],
-                                          self.want[rid])
+
+        def entry(block, i, token, k):   # block: (logprob, rank, top values, top ids) lists
+            lp, rank, top_v, top_i = block
+            return TokenLogprobs(token, lp[i], rank[i], tuple(zip(top_i[i][:k], top_v[i][:k])))
+        sampled = {rid: entry(lists[:4], i, toks[i], self.want[rid])
+                   for i, rid in enumerate(self.sampled) if rid in self.want and rid not in self.gone}
         prompt = {}
         if self.prompt is not None:
             rids, targets, ks = self.prompt
-            lp, rank, top_v, top_i = lists[-4:]
             for i, (rid, tok) in enumerate(zip(rids, targets)):
-                prompt.setdefault(rid, []).append(_entry(tok, lp[i], rank[i], top_i[i], top_v[i], ks[rid]))
+                prompt.setdefault(rid, []).append(entry(lists[-4:], i, tok, ks[rid]))
         return attrs.evolve(deltas, logprobs=MappingProxyType(sampled), prompt_logprobs=MappingProxyType(
             {rid: tuple(entries) for rid, entries in prompt.items()}))
-
-
-def _entry(token, logprob, rank, top_ids, top_values, k) -> TokenLogprobs:
-    return TokenLogprobs(token, logprob, rank, tuple(zip(top_ids[:k], top_values[:k])))
 
 
 class Engine:
@@ -183,8 +176,7 @@ class Engine:
                             np.fromiter((prev.row_of[plan.rids[r]] for r in host.row_of_token(dst)),
                                         np.int64, len(dst)))
             launched = _InFlight(plan, self.runner.launch(host, feed), self.state, host)
-        scheduled, tokens = plan, []    # what the trace records: plan k, step k-1's samples
-        deltas = Deltas()
+        scheduled, tokens, deltas = plan, [], Deltas()   # the trace records plan k, step k-1's samples
         if prev is not None:
             prev_plan, keep = prev.plan.without(prev.gone)
             self.dropped_rows += len(prev.plan.rids) - len(prev_plan.rids)

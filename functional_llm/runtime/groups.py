@@ -3,6 +3,7 @@ default group) and the control group the step messages travel on; joining them (
 or torchrun's env://), and the rank's device."""
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -37,10 +38,8 @@ class Groups:
     def destroy(self) -> None:
         for group, mine in ((self.control, True), (None, self.owns_default)):
             if mine and dist.is_initialized():
-                try:
-                    dist.destroy_process_group(group)
-                except Exception:   # already gone (a failed rank): nothing left to release
-                    pass
+                with contextlib.suppress(Exception):   # already gone (a failed rank): nothing
+                    dist.destroy_process_group(group)     # left to release
 
 
 def join_groups(device: torch.device, rank: int, world: int, store=None) -> Groups:

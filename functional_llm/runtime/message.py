@@ -18,11 +18,7 @@ HEADER_LEN = 3 + 4 * len(_FIELDS)        # kind, payload bytes, has feed; per fi
 _DTYPES = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.float64))
 _CODE = {dt: i + 1 for i, dt in enumerate(_DTYPES)}   # 0: an int carried in the header
 _NO_FEED = np.zeros(0, dtype=np.int64)
-_ZEROS = np.zeros(8, dtype=np.uint8)     # padding
-
-
-def _pad8(n: int) -> int:
-    return -(-n // 8) * 8
+_ZEROS = np.zeros(8, dtype=np.uint8)     # padding: an n-byte array is followed by -n % 8 bytes
 
 
 def encode(host: HostInputs, feed: Feed | None) -> tuple[np.ndarray, np.ndarray]:
@@ -39,8 +35,8 @@ def encode(host: HostInputs, feed: Feed | None) -> tuple[np.ndarray, np.ndarray]
         assert a.ndim <= 2, "the header holds two dimensions per array"
         shape = a.shape + (0,) * (2 - a.ndim)
         header += (_CODE[a.dtype], a.ndim, *shape)
-        parts += [a.reshape(-1).view(np.uint8), _ZEROS[:_pad8(a.nbytes) - a.nbytes]]
-    payload = np.concatenate(parts)   # never empty: the feed's two arrays are always there
+        parts += [a.reshape(-1).view(np.uint8), _ZEROS[:-a.nbytes % 8]]
+    payload = np.concatenate(parts)   # never empty: cu_q holds B + 1 >= 1 entries
     header[1] = payload.size
     return np.array(header, dtype=np.int64), payload
 
@@ -60,6 +56,6 @@ def decode(header: np.ndarray, payload: np.ndarray) -> tuple[HostInputs, np.ndar
         shape = (d0, d1)[:ndim]
         nbytes = d0 * (d1 if ndim == 2 else 1) * dt.itemsize
         values.append(payload[off:off + nbytes].view(dt).reshape(shape))
-        off += _pad8(nbytes)
+        off += nbytes + -nbytes % 8
     host = HostInputs(*values[:len(_HOST_FIELDS)])
     return (host, values[-2], values[-1]) if h[2] else (host, None, None)

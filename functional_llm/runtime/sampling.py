@@ -67,14 +67,11 @@ def sampling_from_blocks(floats: np.ndarray, ints: np.ndarray, banned: np.ndarra
     """floats [3, B] float32 (temperature, top_p, min_p), ints [3, B] int64 (top_k, seed,
     position), banned [B, W] int64, already validated -> SamplingTensors. The per-step path:
     three copies, no checks."""
-    float_block = torch.from_numpy(floats).to(device, non_blocking=True)
-    int_block = torch.from_numpy(ints).to(device, non_blocking=True)
-    temp_t, top_p_t, min_p_t = float_block.unbind(0)
-    top_k_t, seeds_t, positions_t = int_block.unbind(0)
+    temperature, top_p, min_p = torch.from_numpy(floats).to(device, non_blocking=True).unbind(0)
+    top_k, seeds, positions = torch.from_numpy(ints).to(device, non_blocking=True).unbind(0)
     return SamplingTensors(
-        temperature=temp_t, top_k=top_k_t, top_p=top_p_t, min_p=min_p_t,
-        seeds=seeds_t, positions=positions_t,
-        greedy_only=bool(np.all(floats[0] == 0)),
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
+        positions=positions, greedy_only=bool(np.all(floats[0] == 0)),
         unfiltered=bool(np.all(ints[0] == 0) and np.all(floats[1] >= 1) and np.all(floats[2] <= 0)),
         banned=torch.from_numpy(banned).to(device, non_blocking=True))
 

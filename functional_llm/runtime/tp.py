@@ -22,6 +22,7 @@ collectives of hangs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -68,34 +69,29 @@ class _Workers:
         self.release_graphs = lambda: None   # rank 0's graphs captured collectives: freed
                                              # before the groups are destroyed (else it hangs)
 
-    def check(self) -> None:
-        """Raise WorkerError if a worker reported an error or is no longer running."""
-        if self.failure is None and (report := self._report()):
+    def check(self, exited: str = "") -> None:
+        """Raise WorkerError if a worker reported an error or is no longer running (`exited` is
+        added to the account of a worker that exited)."""
+        if self.failure is None and (report := self._report(exited)):
             self.fail(report)
         if self.failure is not None:
             raise WorkerError(self.failure)
 
-    def _report(self) -> str | None:
+    def _report(self, exited: str = "") -> str | None:
         if self.errors is not None and not self.errors.empty():
             rank, text = self.errors.get()
             return f"tensor-parallel rank {rank} failed:\n{text}"
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
-                return f"tensor-parallel rank {rank} exited with code {proc.exitcode}"
+                return f"tensor-parallel rank {rank} exited with code {proc.exitcode}{exited}"
         return None
 
     def await_ready(self, store, deadline: float) -> None:
         """Wait until every spawned worker has reached the rendezvous, checking on them."""
         keys = [f"ready/{r}" for r in range(1, len(self.procs) + 1)]
         while not store.check(keys):
-            try:
-                self.check()
-            except WorkerError as e:
-                if "exited with code" not in str(e):
-                    raise
-                raise WorkerError(f"{e} before joining: a spawned worker first imports the "
-                                  "main module; does the script guard its entry point with "
-                                  "`if __name__ == '__main__':`?") from None
+            self.check(" before joining: a spawned worker first imports the main module; does "
+                       "the script guard its entry point with `if __name__ == '__main__':`?")
             if time.monotonic() > deadline:
                 self.fail(f"tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
                 raise WorkerError(self.failure)
@@ -109,13 +105,12 @@ class _Workers:
             time.sleep(0.02)
         return report
 
-    def failed(self, exc: BaseException) -> WorkerError:
+    def failed(self, exc: Exception) -> WorkerError:
         """Stop everything after `exc` in a step; the error to raise (a worker's report if one
         comes, else exc's description)."""
         if self.failure is None:
-            report = self.wait_report() if isinstance(exc, Exception) else None
-            self.fail(report or "tensor-parallel step failed on rank 0 (under torchrun: see "
-                                f"the other ranks' logs): {type(exc).__name__}: {exc}")
+            self.fail(self.wait_report() or "tensor-parallel step failed on rank 0 (under "
+                      f"torchrun: see the other ranks' logs): {type(exc).__name__}: {exc}")
         return WorkerError(self.failure)
 
     def fail(self, reason: str) -> None:
@@ -129,12 +124,9 @@ class _Workers:
             self.failure = "the tensor-parallel workers were shut down (LLM.close())"
         self.release_graphs()
         if graceful and self.groups is not None:
-            try:
+            with contextlib.suppress(Exception):   # a broken group: destroyed below, after the join
                 stop = torch.tensor([STOP] + [0] * (HEADER_LEN - 1))   # int64, as every header
                 dist.broadcast(stop, 0, group=self.groups.control)
-            except Exception:
-                pass
-            else:
                 # the workers release their groups on "stop": release ours at the same time
                 # (an NCCL group destroyed after its peers have exited was seen to hang)
                 self.groups.destroy()
@@ -143,12 +135,10 @@ class _Workers:
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            for stop, wait in ((proc.terminate, 2.0), (proc.kill, None)):
+                if proc.is_alive():
+                    stop()
+                    proc.join(wait)
         if self.groups is not None:
             self.groups.destroy()
             self.groups = None
@@ -160,29 +150,25 @@ class _Workers:
 
 class TPRunner:
     """Rank 0's Runner: each launch first broadcasts the step to the workers, then runs the
-    local Runner (whose forward meets the workers' in the collectives). Exposes the local
-    runner's model, kv and graphs; close() stops the workers (also at garbage collection and
-    at interpreter exit)."""
+    local Runner (whose forward meets the workers' in the collectives). Any other attribute
+    (model, kv, graphs, device) is the local runner's; close() stops the workers (also at
+    garbage collection and at interpreter exit)."""
 
     def __init__(self, local, workers: _Workers):
         self.local, self._workers = local, workers
         workers.release_graphs = local.release_graphs
         self.close = weakref.finalize(self, workers.shutdown)   # runs once: close(), GC or exit
 
-    model = property(lambda self: self.local.model)
-    kv = property(lambda self: self.local.kv)
-    graphs = property(lambda self: self.local.graphs)
-    device = property(lambda self: self.local.device)
+    def __getattr__(self, name: str):   # only for names TPRunner itself lacks
+        return getattr(self.local, name)
 
     def launch(self, host: HostInputs, feed: Feed | None = None):   # -> engine.StepOut
         workers = self._workers
         workers.check()
         try:
             header, payload = encode(host, feed)
-            control = workers.groups.control
-            dist.broadcast(torch.from_numpy(header), 0, group=control)
-            if len(payload):
-                dist.broadcast(torch.from_numpy(payload), 0, group=control)
+            for part in (header, payload):   # the payload is never empty (message.encode)
+                dist.broadcast(torch.from_numpy(part), 0, group=workers.groups.control)
             return self.local.launch(host, feed)
         except Exception as e:
             raise workers.failed(e) from e
@@ -271,8 +257,7 @@ def serve(build, spec, groups: Groups, device) -> None:
             runner.release_graphs()     # before the caller destroys the groups
             return
         payload = torch.empty(int(h[1]), dtype=torch.uint8)
-        if len(payload):
-            dist.broadcast(payload, 0, group=groups.control)
+        dist.broadcast(payload, 0, group=groups.control)
         host, dst, index = decode(h, payload.numpy())
         _fault(f"step:{step}")
         last = runner.launch(host, None if dst is None else Feed(dst, last, index)).tokens
