@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import pickle
+import queue
 import signal
 import threading
 import uuid
@@ -324,8 +325,9 @@ def _child_main(commands, events, args, kwargs, max_waiting, child_setup) -> Non
             events.send(("failed", _portable(exc)))
         return
     events.send(("ready", llm.counters))
+    sender = _Sender(events)
     try:
-        reason, cause = _child_loop(llm, commands, events, max_waiting)
+        reason, cause = _child_loop(llm, commands, sender, max_waiting)
     except (EOFError, OSError, BrokenPipeError):   # the server's process has gone
         reason, cause = None, None
     except BaseException as exc:   # the LLM may be inconsistent now: no further step
@@ -333,12 +335,51 @@ def _child_main(commands, events, args, kwargs, max_waiting, child_setup) -> Non
     with contextlib.suppress(Exception):
         llm.close()
     if reason is not None:
-        with contextlib.suppress(Exception):
-            events.send(("dead", reason, cause))
+        sender.send(("dead", reason, cause))
+    sender.close()
     events.close()
 
 
-def _child_loop(llm, commands, events, max_waiting):
+class _Sender:
+    """The child's messages go out from a thread of their own, so a step never waits for a
+    full pipe (a server busy with its HTTP side reads late): messages queued meanwhile are
+    merged into one (outputs in order, the latest counters)."""
+
+    def __init__(self, events):
+        self._events, self._queue = events, queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="functional-llm-sender", daemon=True)
+        self._thread.start()
+
+    def send(self, message) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            messages = [self._queue.get()]
+            while not self._queue.empty():
+                messages.append(self._queue.get_nowait())
+            merged: list = []
+            for m in messages:
+                if m is not None and m[0] == "step" and merged and merged[-1][0] == "step":
+                    last = merged[-1]   # (kind, counters, aborts done, refused, ended, outputs)
+                    merged[-1] = ("step", m[1], *(a + b for a, b in zip(last[2:], m[2:])))
+                else:
+                    merged.append(m)
+            for m in merged:
+                if m is None:
+                    return
+                try:
+                    self._events.send(m)
+                except (OSError, ValueError):   # the server's process has gone
+                    return
+
+
+def _child_loop(llm, commands, sender, max_waiting):
     """Returns (reason, cause) when told to shut down; a failing step raises."""
     live: set = set()       # request ids in the LLM
     waiting: set = set()    # admitted, no token yet
@@ -390,5 +431,5 @@ def _child_loop(llm, commands, events, max_waiting):
                     prompt = tuple(out.prompt_token_ids)
                 outputs.append((rid, prompt, out.finish_reason, out.num_cached_tokens, out.delta_text,
                                 tuple(ids), out.delta_logprobs))
-        events.send(("step", llm.counters, aborts_done, refused, ended, outputs))
+        sender.send(("step", llm.counters, aborts_done, refused, ended, outputs))
 
