@@ -34,7 +34,7 @@ class LLM:
                  device: Optional[str] = None, seed: int = 0,
                  attention_backend: Optional[str] = None, enforce_eager: bool = False,
                  trace: Optional[str] = None, async_scheduling: Optional[bool] = None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto"):
         """trace: a file path; every input, Plan, sampled token and core-state digest is
         written there as JSON lines (`functional-llm replay PATH` checks it).
         async_scheduling: schedule step k+1 while step k runs on the device (the pipelined
@@ -46,7 +46,10 @@ class LLM:
         torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), every rank constructs the
         LLM: rank 0's constructor returns as usual, a rank >= 1's serves steps until rank 0
         closes, then raises SystemExit(0). Call close() (or use `with LLM(...) as llm:`) to stop
-        the workers; they are also stopped when the LLM is collected and at exit."""
+        the workers; they are also stopped when the LLM is collected and at exit.
+        kv_cache_dtype: "auto" (the model dtype) or "fp8" (float8 e4m3 with a scale per token
+        and kv head, kernels/base.py: about twice the tokens in the same memory; the reference
+        backend so far)."""
         sizes = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                      num_kv_blocks=num_kv_blocks, tensor_parallel_size=tensor_parallel_size)
@@ -56,7 +59,8 @@ class LLM:
             model = ensure_default_model()
         path = Path(model)
         cfg = load_config(path)
-        spec, backend = device_spec(path, cfg, device, dtype, attention_backend, enforce_eager, **sizes)
+        spec, backend = device_spec(path, cfg, device, dtype, attention_backend, enforce_eager,
+                                    kv_cache_dtype=kv_cache_dtype, **sizes)
         dtype, world = resolve_dtype(dtype, device), tensor_parallel_size
         if world == 1:
             runner, sched = build_runner(spec)
@@ -75,7 +79,7 @@ class LLM:
                 from functional_llm.core.trace import TraceWriter, header_record
                 writer = TraceWriter(trace, header_record(sched, _trace_shell(
                     path, dtype, device, backend.name, enforce_eager, runner.graphs is not None,
-                    seed, world), pipeline=async_scheduling))
+                    seed, world, spec.kv_cache_dtype), pipeline=async_scheduling))
             self.engine = Engine(runner, sched, pipeline=async_scheduling, trace=writer)
         except BaseException:
             if world > 1:
@@ -310,14 +314,15 @@ def _as_prompt_list(prompts) -> list:
     return list(prompts)
 
 
-def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed, world=1) -> dict:
+def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed, world=1,
+                 kv_cache_dtype="auto") -> dict:
     """A trace header's shell part: what a replay with the model needs, and what can make the
     same inputs give other tokens (versions, determinism flags)."""
     import platform
     from importlib.metadata import version
     return {"model": str(path), "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "attention_backend": backend, "enforce_eager": enforce_eager, "cuda_graphs": bool(graphs),
-            "seed": seed, "tensor_parallel_size": world, "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
+            "seed": seed, "tensor_parallel_size": world, "kv_cache_dtype": kv_cache_dtype, "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
                                        "python": platform.python_version(), "xxhash": xxhash.VERSION},
             "determinism": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "batch_invariant": False}}

@@ -13,7 +13,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from functional_llm.kernels.base import AttnBatch
+from functional_llm.kernels.base import AttnBatch, cache_views, quantize
 
 
 @attrs.frozen(slots=True)
@@ -57,6 +57,7 @@ def _group(batch: AttnBatch, seqs: list[int], q_lens: list[int], seq_lens: list[
 
 class ReferenceBackend:
     name = "reference"
+    fp8_kv = True      # reads and writes the fp8 pool (kernels/base.py)
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         """Host side, once per step: returns `batch` with `extra` holding the gather indices
@@ -75,23 +76,28 @@ class ReferenceBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                 layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, K, D], kv [L, 2, N, S, K, D] -> out [T, H, D].
-        Writes k/v into kv[layer] at batch.slot_mapping, then attends causally."""
-        k_cache, v_cache = kv[layer, 0], kv[layer, 1]
-        N, S, K, D = k_cache.shape
-        T, H, _ = q.shape
+        """q [T, H, D], k/v [T, K, D], kv [L, 2, N, S, K, D] (or the fp8 pool) -> out [T, H, D].
+        Writes k/v into kv[layer] at batch.slot_mapping (quantized, with an fp8 pool), then
+        attends causally over the stored (dequantized) keys and values."""
+        (T, H, D), K = q.shape, k.shape[1]
         G = H // K
-        # .view (not reshape) so a non-contiguous pool fails loudly instead of writing a copy
-        k_cache.view(N * S, K, D).index_copy_(0, batch.slot_mapping, k)
-        v_cache.view(N * S, K, D).index_copy_(0, batch.slot_mapping, v)
+        (k_cache, k_scales), (v_cache, v_scales) = (cache_views(kv, layer, i, K, D) for i in (0, 1))
+        S = k_cache.shape[1]
+        at = (batch.slot_mapping // S, batch.slot_mapping % S)
+        for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
+            if scales is None:
+                cache[at] = x
+            else:
+                cache[at], scales[at] = quantize(x)
 
         out = q.new_empty(T, H, D)
         for group in batch.extra.groups:
             b, Q = group.q_rows.shape
             P = group.key_valid.shape[1]
             slots = _key_slots(group, S).view(-1)                                  # [b*P]
-            keys = k_cache.view(N * S, K, D).index_select(0, slots).view(b, P, K, D)
-            vals = v_cache.view(N * S, K, D).index_select(0, slots).view(b, P, K, D)
+            at = (slots // S, slots % S)
+            keys, vals = (_read(c, sc, at, q.dtype).view(b, P, K, D)
+                          for c, sc in ((k_cache, k_scales), (v_cache, v_scales)))
             keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)                # [b,K,P,D]
             # GQA without copying K/V: query head h = kv_head * G + g (HF's repeat_kv order),
             # so the G heads of one kv head are stacked along the query axis
@@ -103,6 +109,12 @@ class ReferenceBackend:
             att = att.view(b, K, G, Q, D).permute(0, 3, 1, 2, 4).reshape(b * Q, H, D)
             out.index_copy_(0, group.out_rows, att[group.out_index])
         return out
+
+
+def _read(cache: torch.Tensor, scales, at: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The stored rows at (blocks, offsets), dequantized when the pool is fp8."""
+    rows = cache[at]
+    return rows if scales is None else (rows.float() * scales[at][..., None]).to(dtype)
 
 
 def _key_slots(group: _Group, block_size: int) -> torch.Tensor:

@@ -416,8 +416,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     T, H, D = q.shape
     K = k.shape[1]
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
-    q_out = q.new_empty(T, H, D)
-    norm = q_norm is not None
+    q_out, norm = q.new_empty(T, H, D), q_norm is not None
     _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, slot_mapping, cos, sin,
                          q_norm if norm else cos, k_norm if norm else cos, q.stride(0),
                          q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -14,6 +14,7 @@ import torch
 from functional_llm.core.records import SchedConfig
 from functional_llm.errors import InvalidConfig
 from functional_llm.kernels import default_backend, get_backend
+from functional_llm.kernels.base import block_bytes, new_pool
 from functional_llm.model.config import load_config
 from functional_llm.model.llama import fuse_params
 from functional_llm.model.loader import load_params
@@ -40,6 +41,7 @@ class DeviceSpec:
     max_model_len: int
     enforce_eager: bool
     world: int = 1                # tensor_parallel_size
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (kernels/base.py)
 
 
 def _same(n: int) -> int:
@@ -61,8 +63,9 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
         params, rank_cfg = load_params(path, cfg, dtype, device), cfg
     params = fuse_params(params, cfg)
     backend = get_backend(spec.attention_backend)
-    per_block = (rank_cfg.num_layers * 2 * spec.block_size * rank_cfg.num_kv_heads
-                 * rank_cfg.head_dim * dtype.itemsize)
+    fp8 = spec.kv_cache_dtype == "fp8"
+    per_block = 2 * rank_cfg.num_layers * block_bytes(rank_cfg.num_kv_heads, rank_cfg.head_dim,
+                                                      spec.block_size, dtype, fp8)
     num_blocks = spec.num_kv_blocks
     if num_blocks is None:
         if device.type == "cuda":
@@ -76,9 +79,8 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
     fast = device.type == "cuda" and not spec.enforce_eager
     graphs = fast and getattr(backend, "capturable", False)
     compiled = fast and getattr(backend, "compilable", False)
-    kv = torch.zeros(rank_cfg.num_layers, 2, num_blocks + graphs, spec.block_size,
-                     rank_cfg.num_kv_heads, rank_cfg.head_dim, dtype=dtype,
-                     device=device)   # zeroed: see kernels/flash.py
+    kv = new_pool(rank_cfg.num_layers, num_blocks + graphs, spec.block_size, rank_cfg.num_kv_heads,
+                  rank_cfg.head_dim, dtype, fp8, device)   # zeroed: see kernels/flash.py
     sched = SchedConfig(block_size=spec.block_size, num_blocks=num_blocks,
                         max_num_seqs=spec.max_num_seqs,
                         max_num_batched_tokens=spec.max_num_batched_tokens,
@@ -88,6 +90,7 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
 
 
 DEFAULT_BLOCK_SIZE = 16          # fine-grained prefix reuse and little tail waste
+KV_CACHE_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8"}   # (vLLM's names)
 
 
 def check_arguments(sizes: dict, device) -> torch.device:
@@ -113,7 +116,7 @@ def check_arguments(sizes: dict, device) -> torch.device:
 
 def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend, enforce_eager,
                 *, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
-                tensor_parallel_size) -> tuple[DeviceSpec, object]:
+                tensor_parallel_size, kv_cache_dtype="auto") -> tuple[DeviceSpec, object]:
     """(DeviceSpec, attention backend) from the LLM's arguments and the model's config, with
     the defaults filled in; raises InvalidConfig for what the model, backend or device cannot
     serve (before any weight loads or process starts)."""
@@ -130,11 +133,17 @@ def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend,
     # flash-attn 4's fast paged path reads whole 128-token pages
     block_size = block_size or (128 if backend.name == "flash" else DEFAULT_BLOCK_SIZE)
     backend.check(block_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise InvalidConfig("kv_cache_dtype", kv_cache_dtype, f"expected one of {sorted(KV_CACHE_DTYPES)}")
+    kv_cache_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
+    if kv_cache_dtype == "fp8" and not getattr(backend, "fp8_kv", False):
+        raise InvalidConfig("kv_cache_dtype", "fp8", f"the {backend.name} backend does not "
+                            "support it yet (attention_backend='reference' does)")
     return DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name,
                       block_size, num_kv_blocks, max_num_seqs,
                       max_num_batched_tokens or max(8192, block_size),
                       max_model_len or cfg.max_position_embeddings, enforce_eager,
-                      tensor_parallel_size), backend
+                      tensor_parallel_size, kv_cache_dtype), backend
 
 
 def check_split(cfg, world: int, device: torch.device) -> None:
