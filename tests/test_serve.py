@@ -527,6 +527,17 @@ def test_cli_options_follow_the_llm_signature():
     assert main(["serve", "--port", "notaport"]) == 2 and main(["serve", "--help"]) == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_cli_engine_option_errors_are_messages(model, mode, capsys):
+    """A value the engine refuses (found when it is built, in the child in process mode) is a
+    one-line error and exit code 2, not a traceback; no server starts."""
+    from functional_llm.cli import main
+    assert main(["serve", "--model", model, "--engine-mode", mode, "--kv-cache-dtype", "int4",
+                 "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: kv_cache_dtype='int4'" in err and "Traceback" not in err
+
+
 def test_sigterm_stops_the_cli_server_cleanly(model):
     """functional-llm serve in its own process: SIGTERM ends an in-flight stream (finished, or
     aborted with an error event after --shutdown-timeout) and the server shuts down."""

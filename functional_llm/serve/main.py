@@ -16,6 +16,8 @@ import re
 import sys
 import typing
 
+from functional_llm.errors import FunctionalLLMError
+
 UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -90,7 +92,11 @@ def main(argv=None) -> int:
         from functional_llm.serve.engine_process import EngineProcess as Engine
     else:
         from functional_llm import AsyncLLM as Engine
-    engine = Engine(**options, max_waiting=args.max_waiting)
+    try:
+        engine = Engine(**options, max_waiting=args.max_waiting)
+    except FunctionalLLMError as e:   # a bad option or model: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         name = args.served_model_name or Path(options["model"]).name
         app = build_app(engine, _tokenizer(Path(options["model"])), ServeConfig(
