@@ -89,7 +89,9 @@ def main():
     ap.add_argument("--backend", default=None, help="default: the best available")
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=None, help="default: the backend's choice")
-    ap.add_argument("--kv-dtype", default=None, help="(8-bit KV cache: not implemented yet)")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="auto (bf16) or fp8 (e4m3 + a float32 scale per token and kv head); "
+                         "fp8 also reports %% of the fp8 floor")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also time HF generate on 16 requests")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
@@ -107,7 +109,7 @@ def main():
     t0 = time.perf_counter()
     llm = LLM(folder, attention_backend=args.backend, block_size=args.block_size, max_model_len=4096,
               enforce_eager=args.enforce_eager, async_scheduling=not args.sync,
-              tensor_parallel_size=args.tp)
+              tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype)
     startup = dict(startup_s=round(time.perf_counter() - t0, 1),
                    capture_s=round(getattr(llm.engine.runner.graphs, "capture_seconds", 0.0), 1),
                    compile_s=round(getattr(llm.engine.runner.graphs, "compile_seconds", 0.0), 1),
@@ -140,6 +142,10 @@ def main():
                   floor_s=round(floor, 3), pct_of_floor=round(100 * floor / dt, 1),
                   steps=llm.counters["steps"], preemptions=llm.counters["preemptions"],
                   async_scheduling=llm.engine.pipeline, tensor_parallel_size=args.tp, **startup)
+    if llm.engine.runner.kv.dtype == torch.uint8:     # fp8: 1 byte per value + 4 per row of D
+        fp8_floor = floor_seconds(prompts, outs, bandwidth, kv_bytes=1 + 4 / QWEN3_06B["head_dim"])
+        report.update(kv_cache_dtype="fp8", fp8_floor_s=round(fp8_floor, 3),
+                      pct_of_fp8_floor=round(100 * fp8_floor / dt, 1))
     if events:
         report.update(gap_summary(events, dt))
         report["gc_ms"] = {g: round(sum(ms for gen, ms in collections if gen == g), 1) for g in (0, 1, 2)}
