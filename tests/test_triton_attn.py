@@ -156,10 +156,15 @@ def test_negative_slot_is_not_written():
 def test_registry_and_missing_triton(monkeypatch):
     import importlib.util
     import sys
+    import types
     assert get_backend("triton").name == "triton"
     name = "functional_llm.kernels.triton_attn"
     without = importlib.util.module_from_spec(importlib.util.find_spec(name))
     monkeypatch.setitem(sys.modules, "triton", None)          # `import triton` now fails
+    # the copy must not re-register functional_llm::triton_attention: later tests would then
+    # call the triton-less copy's kernels through the op
+    monkeypatch.setattr(torch.library, "custom_op", lambda *a, **k: lambda fn: types.SimpleNamespace(
+        register_fake=lambda fake: fake))
     without.__spec__.loader.exec_module(without)               # ...but the module imports
     monkeypatch.setitem(sys.modules, name, without)
     with pytest.raises(InvalidConfig, match="triton"):
