@@ -93,6 +93,16 @@ def test_tp2_tokens_equal_tp1(folders, tp1, arch):
         llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
 
 
+def test_tp2_fp8_cache_equals_tp1_fp8_cache(folders):
+    """kv_cache_dtype="fp8" under TP: each rank quantizes its own kv heads (scales per token
+    and head), so TP=2 gives TP=1's tokens."""
+    folder = folders["qwen3"]
+    want = tokens(LLM(folder, kv_cache_dtype="fp8", **SMALL).generate(PROMPTS, GREEDY, use_tqdm=False))
+    with LLM(folder, tensor_parallel_size=2, kv_cache_dtype="fp8", **SMALL) as llm:
+        assert llm.engine.runner.kv.dtype == torch.uint8          # the fp8 pool on rank 0
+        assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
+
+
 def test_tp2_pipelined_equals_tp1_sync(folders):
     """async_scheduling with TP=2 (workers feed decode ids from their own previous tokens) under
     stops, preemption and chunked prefill; then a killed worker surfaces at the next step."""
