@@ -390,7 +390,23 @@ def test_engine_process_interface(model, offline):
         gen = engine.generate([1, 2, 3], long, "c")
         await anext(gen)
         await gen.aclose()                                   # the caller left: aborted
-        await engine.abort("nothing")                        # answered once "c" is gone too
+        # a burst: the adds of one event-loop turn go out as one command; callers that leave at
+        # once are aborted after their add (an abort never overtakes it); a text prompt's ids
+        # come from the engine, and every output is whole
+        burst = [asyncio.ensure_future(_collect(engine.generate([1, 2, i], greedy(4), f"burst{i}")))
+                 for i in range(8)]
+        text = asyncio.ensure_future(_collect(engine.generate("ab", greedy(3))))
+        await asyncio.sleep(0)
+        for task in burst[::3]:
+            task.cancel()
+        done = [await t for t in burst[1::3] + burst[2::3]]
+        assert all(len(outs) and sum(len(o.delta_token_ids) for o in outs) == 4 and outs[-1].finished
+                   and not any(o.finished for o in outs[:-1]) for outs in done)
+        want = offline.generate("ab", greedy(3), use_tqdm=False)[0]
+        outs = await text
+        assert outs[0].prompt_token_ids == want.prompt_token_ids and outs[-1].prompt_token_ids == want.prompt_token_ids
+        assert "".join(o.delta_text for o in outs) == want.text
+        await engine.abort("nothing")                        # answered once "c" and the burst are gone too
         assert engine.counters["num_running"] == 0 and engine.counters["blocks_in_use"] == 0
         batches = engine.generate_batches([1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True), "e")
         first = await anext(batches)
@@ -408,6 +424,10 @@ def test_engine_process_interface(model, offline):
     asyncio.run(main())
     assert not proc.is_alive() and proc.exitcode == 0 and engine.dead_reason == "the engine was shut down"
     engine.shutdown()                                        # idempotent
+
+
+async def _collect(gen) -> list:
+    return [o async for o in gen]
 
 
 def test_outputs_queued_together_make_one_chunk():

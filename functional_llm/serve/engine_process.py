@@ -5,9 +5,12 @@ asyncio, JSON, one SSE chunk per token): at saturation the HTTP side took most o
 engine stepped ~3x slower than offline. Here the child (a 'spawn' process: CUDA is never
 initialised in the server's process) owns the LLM and runs the loop: it applies every command
 queued between two steps (add, abort, shutdown), steps while anything is unfinished, blocks on
-the command pipe when idle, and after each step sends ONE message with every request's delta,
-the counters, the aborts done and the adds refused. In the server's process a reader thread
-unpickles that message and hands it to each event loop with one call_soon_threadsafe.
+the command pipe when idle, and after each step sends ONE record with every request's delta,
+the counters, the aborts done and the adds refused, as columns of plain ints and strings with
+requests named by int handles (see _child_loop; cheap to build, pickle and read). In the
+server's process a reader thread unpickles it and hands it to each event loop with one
+call_soon_threadsafe. The adds made during one turn of the server's event loop go to the child
+as one command (a burst of 256 requests: one pickle and one pipe write).
 
 The interface is what the server uses of AsyncLLM: `generate` (an async iterator of outputs
 carrying request_id, prompt_token_ids, finish_reason, finished, num_cached_tokens, delta_text,
@@ -19,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
+import itertools
 import multiprocessing
 import pickle
 import queue
@@ -50,11 +55,11 @@ class StreamOutput:
 
 
 class _Stream:
-    """Where one generate() call's outputs go."""
-    __slots__ = ("loop", "queue", "prompt_token_ids")
+    """Where one generate() call's outputs go; `handle` names it in the engine's messages."""
+    __slots__ = ("rid", "handle", "loop", "queue", "prompt_token_ids")
 
-    def __init__(self, loop, queue):
-        self.loop, self.queue, self.prompt_token_ids = loop, queue, ()
+    def __init__(self, rid, loop, queue):
+        self.rid, self.handle, self.loop, self.queue, self.prompt_token_ids = rid, None, loop, queue, ()
 
 
 class EngineProcess:
@@ -77,7 +82,10 @@ class EngineProcess:
         commands_out.close(), events_in.close()   # the child's ends: EOF when it exits
         self._send_lock = threading.Lock()        # the pipe's writers: event loops, shutdown
         self._lock = threading.Lock()             # streams registered vs the engine dying
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[int, _Stream] = {}   # by handle
+        self._rids: dict[str, int] = {}           # live request ids -> handles
+        self._handles = itertools.count()
+        self._pending: list = []                  # adds not sent yet (see _add)
         self._aborts: dict[int, concurrent.futures.Future] = {}
         self._next_abort = 0
         self._dead_reason: Optional[str] = None
@@ -90,7 +98,7 @@ class EngineProcess:
             self._process.join()
             self._close_pipes()
             raise _rebuild(payload)
-        self._counters = payload
+        self._counter_names, self._counters = tuple(payload), tuple(payload.values())
         self._reader = threading.Thread(target=self._read, name="functional-llm-engine-reader", daemon=True)
         self._reader.start()
 
@@ -114,15 +122,20 @@ class EngineProcess:
         asks (one or more, in order). What the server streams from: a caller that falls behind
         takes several steps' outputs in one go instead of one task switch per token."""
         rid = uuid.uuid4().hex if request_id is None else str(request_id)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        loop = asyncio.get_running_loop()
+        stream = _Stream(rid, loop, asyncio.Queue())
+        if isinstance(prompt, (list, tuple)):   # token ids: the engine's prompt ids as given
+            stream.prompt_token_ids = tuple(prompt)
         with self._lock:
             if self._dead_reason is not None:
                 raise self._error()
-            if rid in self._streams:
+            if rid in self._rids:
                 raise errors.InvalidPrompt("request_id", rid, "is already in use by a live request")
-            self._streams[rid] = stream
-        if not self._send(("add", rid, prompt, sampling_params)):
-            self._streams.pop(rid, None)
+            handle = stream.handle = next(self._handles)
+            self._rids[rid] = handle
+            self._streams[handle] = stream
+        if not self._add(loop, (handle, rid, prompt, sampling_params)):
+            self._forget(handle)
             raise self._error()
         ended, queue = False, stream.queue
         try:
@@ -145,7 +158,7 @@ class EngineProcess:
                 if batch:
                     yield batch
         finally:
-            if not ended and self._streams.pop(rid, None) is not None:
+            if not ended and self._forget(handle) is not None:
                 self._send(("abort", rid, None))
 
     async def abort(self, request_id: str) -> None:
@@ -163,7 +176,7 @@ class EngineProcess:
     @property
     def counters(self) -> dict:
         """LLM.counters as of the engine's last message (a copy)."""
-        return dict(self._counters)
+        return dict(zip(self._counter_names, self._counters))
 
     @property
     def dead_reason(self) -> Optional[str]:
@@ -189,15 +202,63 @@ class EngineProcess:
     async def __aexit__(self, *exc) -> None:
         self.shutdown()
 
-    def _send(self, command) -> bool:
+    def _forget(self, handle: int) -> Optional[_Stream]:
+        """Drop a live stream (None if it has ended already)."""
+        stream = self._streams.pop(handle, None)
+        if stream is not None:
+            self._rids.pop(stream.rid, None)
+        return stream
+
+    def _add(self, loop, add) -> bool:
+        """Queue an add; the adds queued during one turn of the event loop go out as one
+        command (a burst of requests: one pickle and one pipe write, not one each)."""
         with self._send_lock:
             if self._dead_reason is not None or self._commands.closed:
                 return False
-            try:
-                self._commands.send(command)
+            self._pending.append(add)
+            if len(self._pending) > 1:
                 return True
-            except (OSError, ValueError):   # the child is gone: the reader reports why
-                return False
+        loop.call_soon(self._flush)
+        return True
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            self._send_locked(None)
+
+    def _send(self, command) -> bool:
+        with self._send_lock:
+            return self._send_locked(command)
+
+    def _picklable(self, add) -> bool:
+        """Whether an add pickles; if not, its caller gets the error."""
+        try:
+            pickle.dumps(add, protocol=pickle.HIGHEST_PROTOCOL)
+            return True
+        except Exception as exc:
+            stream = self._forget(add[0])
+            if stream is not None:
+                with contextlib.suppress(RuntimeError):
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            return False
+
+    def _send_locked(self, command) -> bool:
+        """Queued adds first (an abort never overtakes its add), then `command` (if any)."""
+        if self._dead_reason is not None or self._commands.closed:
+            return False
+        try:
+            if self._pending:
+                adds, self._pending = self._pending, []
+                try:
+                    blob = pickle.dumps(("adds", adds), protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception:   # one that does not pickle fails alone
+                    blob = pickle.dumps(("adds", [add for add in adds if self._picklable(add)]),
+                                        protocol=pickle.HIGHEST_PROTOCOL)
+                self._commands.send_bytes(blob)
+            if command is not None:
+                self._commands.send_bytes(pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL))
+            return True
+        except (OSError, ValueError):   # the child is gone: the reader reports why
+            return False
 
     def _error(self) -> EngineDead:
         err = EngineDead(self._dead_reason)
@@ -215,10 +276,11 @@ class EngineProcess:
     def _read(self) -> None:
         try:
             while True:
-                message = self._events.recv()
+                message = pickle.loads(self._events.recv_bytes())
                 if message[0] == "dead":
                     return self._die(message[1], _rebuild(message[2]) if message[2] is not None else None)
-                self._handle(message)
+                for step in message[1]:
+                    self._handle(step)
         except (EOFError, OSError):
             self._die(f"the engine process exited (exit code {self._process.exitcode})", None)
         except BaseException as exc:   # a message that did not unpickle...: nothing more is trusted
@@ -226,30 +288,46 @@ class EngineProcess:
             with contextlib.suppress(Exception):
                 self._process.kill()
 
-    def _handle(self, message) -> None:
-        """('step', counters, aborts done, [(rid, error)], ended rids, outputs): counters first,
-        so a caller seeing its last output (or its abort done) sees its blocks freed."""
-        _, self._counters, aborts_done, refused, ended, outputs = message
+    def _handle(self, step) -> None:
+        """One step's record (see _child_loop): counters first, so a caller seeing its last
+        output (or its abort done) sees its blocks freed."""
+        (self._counters, aborts_done, refused, ended, handles, texts, token_ids, counts, cached,
+         finished, logprobs, prompts) = step
         per_loop: dict = {}
         streams = self._streams
-        for rid, exc in refused:
-            stream = streams.pop(rid, None)
+        for handle, exc in refused:
+            stream = self._forget(handle)
             if stream is not None:
                 per_loop.setdefault(stream.loop, []).append((stream.queue, _rebuild(exc)))
-        for rid in ended:
-            stream = streams.pop(rid, None)
+        for handle in ended:
+            stream = self._forget(handle)
             if stream is not None:
                 per_loop.setdefault(stream.loop, []).append((stream.queue, _END))
-        for rid, prompt_ids, finish, cached, text, ids, logprobs in outputs:
-            stream = streams.get(rid)
-            if stream is None:
-                continue   # its caller has gone (the abort is on its way)
-            if prompt_ids is not None:
-                stream.prompt_token_ids = prompt_ids
-            if finish is not None:
-                del streams[rid]
-            per_loop.setdefault(stream.loop, []).append(
-                (stream.queue, StreamOutput(rid, stream.prompt_token_ids, finish, cached, text, ids, logprobs)))
+        if handles:
+            finish = dict(finished) if finished else None
+            lps = dict(logprobs) if logprobs else None
+            for k, prompt in prompts:
+                stream = streams.get(handles[k])
+                if stream is not None:
+                    stream.prompt_token_ids = prompt
+            if counts is None:   # one token each
+                token_ids = [(t,) for t in token_ids]
+            else:
+                offsets = list(itertools.accumulate(counts, initial=0))
+                token_ids = [tuple(token_ids[a:b]) for a, b in zip(offsets, offsets[1:])]
+            loop = items = None
+            for k, (handle, text, ids, num_cached) in enumerate(zip(handles, texts, token_ids, cached)):
+                stream = streams.get(handle)
+                if stream is None:
+                    continue   # its caller has gone (the abort is on its way)
+                reason = finish.get(k) if finish else None
+                if reason is not None:
+                    self._forget(handle)
+                if stream.loop is not loop:
+                    loop = stream.loop
+                    items = per_loop.setdefault(loop, [])
+                items.append((stream.queue, StreamOutput(stream.rid, stream.prompt_token_ids, reason, num_cached,
+                                                         text, ids, lps.get(k) if lps else None)))
         for loop, items in per_loop.items():
             with contextlib.suppress(RuntimeError):   # a closed loop: nobody reads those streams
                 loop.call_soon_threadsafe(_put_all, items)
@@ -264,7 +342,7 @@ class EngineProcess:
             if self._dead_reason is not None:
                 return
             self._dead_reason, self._dead_cause = reason, cause
-            streams, self._streams = self._streams, {}
+            streams, self._streams, self._rids = self._streams, {}, {}
             aborts, self._aborts = self._aborts, {}
         per_loop: dict = {}
         for stream in streams.values():
@@ -275,7 +353,8 @@ class EngineProcess:
         for done in aborts.values():
             if done.set_running_or_notify_cancel():
                 done.set_result(None)
-        self._counters = dict(self._counters, num_running=0, num_waiting=0, blocks_in_use=0)
+        counters = dict(self.counters, num_running=0, num_waiting=0, blocks_in_use=0)
+        self._counters = tuple(counters[name] for name in self._counter_names)
 
 
 def _put_all(items) -> None:
@@ -341,9 +420,9 @@ def _child_main(commands, events, args, kwargs, max_waiting, child_setup) -> Non
 
 
 class _Sender:
-    """The child's messages go out from a thread of their own, so a step never waits for a
-    full pipe (a server busy with its HTTP side reads late): messages queued meanwhile are
-    merged into one (outputs in order, the latest counters)."""
+    """The child's step records go out from a thread of their own, so a step never waits for
+    a full pipe (a server busy with its HTTP side reads late): the records queued meanwhile go
+    out together, one pickle and one write, as ("steps", [record, ...])."""
 
     def __init__(self, events):
         self._events, self._queue = events, queue.SimpleQueue()
@@ -351,6 +430,7 @@ class _Sender:
         self._thread.start()
 
     def send(self, message) -> None:
+        """A step record (a list), or another message (a tuple: ("dead", ...))."""
         self._queue.put(message)
 
     def close(self) -> None:
@@ -359,77 +439,127 @@ class _Sender:
         self._thread.join()
 
     def _run(self) -> None:
+        get, empty = self._queue.get, self._queue.empty
         while True:
-            messages = [self._queue.get()]
-            while not self._queue.empty():
-                messages.append(self._queue.get_nowait())
-            merged: list = []
+            messages = [get()]
+            while not empty():
+                messages.append(get())
+            out, steps = [], []
             for m in messages:
-                if m is not None and m[0] == "step" and merged and merged[-1][0] == "step":
-                    last = merged[-1]   # (kind, counters, aborts done, refused, ended, outputs)
-                    merged[-1] = ("step", m[1], *(a + b for a, b in zip(last[2:], m[2:])))
-                else:
-                    merged.append(m)
-            for m in merged:
+                if type(m) is list:
+                    steps.append(m)
+                    continue
+                if steps:
+                    out.append(("steps", steps))
+                    steps = []
+                out.append(m)
+            if steps:
+                out.append(("steps", steps))
+            for m in out:
                 if m is None:
                     return
                 try:
-                    self._events.send(m)
+                    self._events.send_bytes(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL))
                 except (OSError, ValueError):   # the server's process has gone
                     return
 
 
 def _child_loop(llm, commands, sender, max_waiting):
-    """Returns (reason, cause) when told to shut down; a failing step raises."""
-    live: set = set()       # request ids in the LLM
-    waiting: set = set()    # admitted, no token yet
-    first: set = set()      # no output sent yet (the first carries the prompt ids)
-    while True:
-        batch = [] if llm.has_unfinished_requests() else [commands.recv()]   # idle: sleep
-        while commands.poll():
-            batch.append(commands.recv())
-        aborts_done, refused, ended = [], [], []
-        for command in batch:
-            kind, rid, arg = command[:3]
-            if kind == "add":
-                try:
-                    if max_waiting is not None and len(waiting) >= max_waiting:
-                        raise QueueFull("max_waiting", max_waiting,
-                                        f"{len(waiting)} requests are waiting to start; retry later")
-                    llm.add_request(arg, command[3], rid)
-                except Exception as exc:   # raised before admitting anything: only this caller fails
-                    refused.append((rid, _portable(exc)))
-                    continue
-                live.add(rid), waiting.add(rid), first.add(rid)
-            elif kind == "abort":
-                if rid in live:
-                    llm.abort(rid)
-                    live.discard(rid), waiting.discard(rid), first.discard(rid)
-                    if arg is not None:
-                        ended.append(rid)
-                if arg is not None:
-                    aborts_done.append(arg)
-            else:   # shutdown: free every live request's blocks
-                for rid in live:
-                    with contextlib.suppress(Exception):
-                        llm.abort(rid)
-                return "the engine was shut down", None
-        outputs = []
-        if llm.has_unfinished_requests():
-            for out in llm.step():
-                rid = out.request_id
-                if rid not in live:
-                    continue
-                ids = out.delta_token_ids
-                if ids or out.finished:
-                    waiting.discard(rid)
-                if out.finished:
-                    live.discard(rid)
-                prompt = None
-                if rid in first:
-                    first.discard(rid)
-                    prompt = tuple(out.prompt_token_ids)
-                outputs.append((rid, prompt, out.finish_reason, out.num_cached_tokens, out.delta_text,
-                                tuple(ids), out.delta_logprobs))
-        sender.send(("step", llm.counters, aborts_done, refused, ended, outputs))
+    """Returns (reason, cause) when told to shut down; a failing step raises.
 
+    After every step it sends one record of plain lists of ints and strings (cheap to build,
+    pickle and read): [counters (LLM.counters' values), aborts done (tokens), refused adds
+    ((handle, error)), ended handles (aborted by abort()), then the step's outputs as columns:
+    handles, delta texts, delta token ids (flat), their counts (None when each output has one
+    token), num_cached_tokens, sparse (index, finish_reason), sparse (index, delta_logprobs),
+    sparse (index, prompt ids) for a first output whose prompt was text]. The collector is
+    paused while requests run (as LLM.generate does: the per-step records are acyclic) and
+    runs when the engine goes idle, or every GC_EVERY busy steps."""
+    handles: dict = {}          # request ids in the LLM -> their handles
+    waiting: set = set()        # admitted, no token yet
+    text_prompts: set = set()   # prompt given as text, no output sent yet (the first carries the ids)
+    busy_steps = 0
+    try:
+        while True:
+            if llm.has_unfinished_requests():
+                batch = []
+            else:   # idle: collect, then sleep
+                gc.enable()
+                gc.collect()
+                batch = [pickle.loads(commands.recv_bytes())]
+                gc.disable()
+            while commands.poll():
+                batch.append(pickle.loads(commands.recv_bytes()))
+            aborts_done, refused, ended = [], [], []
+            for command in batch:
+                kind = command[0]
+                if kind == "adds":
+                    for handle, rid, prompt, params in command[1]:
+                        try:
+                            if max_waiting is not None and len(waiting) >= max_waiting:
+                                raise QueueFull("max_waiting", max_waiting,
+                                                f"{len(waiting)} requests are waiting to start; retry later")
+                            llm.add_request(prompt, params, rid)
+                        except Exception as exc:   # raised before admitting anything: only this caller fails
+                            refused.append((handle, _portable(exc)))
+                            continue
+                        handles[rid] = handle
+                        waiting.add(rid)
+                        if not isinstance(prompt, (list, tuple)):
+                            text_prompts.add(rid)
+                elif kind == "abort":
+                    _, rid, token = command
+                    handle = handles.pop(rid, None)
+                    if handle is not None:
+                        llm.abort(rid)
+                        waiting.discard(rid), text_prompts.discard(rid)
+                        if token is not None:
+                            ended.append(handle)
+                    if token is not None:
+                        aborts_done.append(token)
+                else:   # shutdown: free every live request's blocks
+                    for rid in handles:
+                        with contextlib.suppress(Exception):
+                            llm.abort(rid)
+                    return "the engine was shut down", None
+            hs, texts, token_ids, counts, cached, finished, logprobs, prompts = [], [], [], [], [], [], [], []
+            if llm.has_unfinished_requests():
+                uniform = True
+                for out in llm.step():
+                    rid = out.request_id
+                    handle = handles.get(rid)
+                    if handle is None:
+                        continue
+                    ids = out.delta_token_ids
+                    n = len(ids)
+                    if n != 1:
+                        uniform = False
+                    reason = out.finish_reason
+                    if reason is not None:
+                        finished.append((len(hs), reason))
+                        del handles[rid]
+                        waiting.discard(rid)
+                    elif n and waiting:
+                        waiting.discard(rid)
+                    if out.delta_logprobs is not None:
+                        logprobs.append((len(hs), out.delta_logprobs))
+                    if text_prompts and rid in text_prompts:
+                        text_prompts.discard(rid)
+                        prompts.append((len(hs), tuple(out.prompt_token_ids)))
+                    hs.append(handle)
+                    texts.append(out.delta_text)
+                    token_ids += ids
+                    counts.append(n)
+                    cached.append(out.num_cached_tokens)
+                if uniform:
+                    counts = None
+                busy_steps += 1
+                if busy_steps % GC_EVERY == 0:   # never idle: collect now and then all the same
+                    gc.collect()
+            sender.send([tuple(llm.counters.values()), aborts_done, refused, ended, hs, texts, token_ids,
+                         counts, cached, finished, logprobs, prompts])
+    finally:
+        gc.enable()
+
+
+GC_EVERY = 4096   # steps
