@@ -487,7 +487,8 @@ def test_concurrent_streams_with_a_third_disconnecting(served, offline):
     done = [r for r in results if r[3]]
     assert len(done) == 43
     for prompt, text, finishes, _ in done:
-        assert text == wants[prompt] and finishes[-1] == "length" and set(finishes[:-1]) == {None}
+        # an engine ahead of the HTTP side may coalesce a whole stream into one chunk
+        assert text == wants[prompt] and finishes[-1] == "length" and set(finishes[:-1]) <= {None}
     generated = served.wait_idle(timeout=15)["functional_llm:generation_tokens_total"] - before
     # the quitters stopped a few tokens after what they had read (a chunk may carry several
     # tokens: an engine that runs ahead of the HTTP side sends fewer, larger chunks)
