@@ -48,8 +48,8 @@ class LLM:
         closes, then raises SystemExit(0). Call close() (or use `with LLM(...) as llm:`) to stop
         the workers; they are also stopped when the LLM is collected and at exit.
         kv_cache_dtype: "auto" (the model dtype) or "fp8" (float8 e4m3 with a scale per token
-        and kv head, kernels/base.py: about twice the tokens in the same memory; the reference
-        backend so far)."""
+        and kv head, kernels/base.py: about twice the tokens in the same memory; the triton
+        and reference backends)."""
         sizes = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                      num_kv_blocks=num_kv_blocks, tensor_parallel_size=tensor_parallel_size)

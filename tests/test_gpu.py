@@ -54,6 +54,25 @@ def test_seeded_request_alone_equals_in_batch(qwen3, backend):
     assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
 
 
+def test_fp8_kv_triton_tokens_equal_reference_fp8(qwen3):
+    """kv_cache_dtype='fp8' end to end on the GPU defaults (compiled step, graphs): the triton
+    kernels give the reference backend's fp8 tokens in fp32, with prefills chunked so later
+    chunks and decodes read the quantized prefix back; and their logprobs are not the
+    fp32-cache ones (the cache really quantizes)."""
+    ps = prompts(8, seed=4)
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=0)
+    out = {}
+    for backend, kv_dtype in (("reference", "fp8"), ("triton", "fp8"), ("triton", "auto")):
+        llm = LLM(str(qwen3), device="cuda", dtype="float32", attention_backend=backend,
+                  block_size=16, max_num_batched_tokens=32, kv_cache_dtype=kv_dtype)
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        out[backend, kv_dtype] = ([o.token_ids for o in outs],
+                                  [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in outs])
+        assert llm.counters["chunked_prefills"] > 0
+    assert out["triton", "fp8"][0] == out["reference", "fp8"][0]
+    assert out["triton", "fp8"][1] != out["triton", "auto"][1]
+
+
 def prefill_logits(params, cfg, ids, dtype, mesh=None, backend="reference", compiled=False):
     """Logits of one prompt prefilled on the GPU (cfg: the rank's config under tensor
     parallelism, mesh its place; the logits are gathered whole). compiled: forward + logits

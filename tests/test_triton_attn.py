@@ -38,11 +38,32 @@ pytest.importorskip("triton")
 
 from functional_llm.errors import InvalidConfig  # noqa: E402
 from functional_llm.kernels import get_backend  # noqa: E402
-from functional_llm.kernels.base import AttnBatch  # noqa: E402
+from functional_llm.kernels.base import AttnBatch, cache_views, new_pool, quantize  # noqa: E402
 from functional_llm.kernels.reference import ReferenceBackend  # noqa: E402
-from functional_llm.kernels.triton_attn import TritonBackend, choose_num_splits, write_kv  # noqa: E402
+from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits, write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _round_to_e4m3_as_the_gpu_does():
+    """The interpreter rounds to e4m3 without the carry into the exponent (a value rounding up
+    to 128 comes out 64): its conversion of fp32/fp16 to e4m3 goes through torch's instead
+    (round to nearest even, as the GPU's cvt.rn). On a GPU the kernels convert natively."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    convert = interpreter._convert_float
+
+    def fixed(x, input_dtype, output_dtype, rounding_mode):
+        if output_dtype == tl.float8e4nv and input_dtype in (tl.float32, tl.float16):
+            wide = torch.from_numpy(np.ascontiguousarray(x).astype(np.float32))
+            return wide.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(x.shape)
+        return convert(x, input_dtype, output_dtype, rounding_mode)
+    interpreter._convert_float = fixed
+
+
+if DEVICE == "cpu":
+    _round_to_e4m3_as_the_gpu_does()
 SMALL_TILES = dict(decode_block_n=16, prefill_block_m=16, prefill_block_n=16)   # tl.dot minimum
 
 
@@ -86,13 +107,23 @@ def pool(k_cache, v_cache):
     return torch.stack([k_cache, v_cache])[None].clone()
 
 
-def run_both(case, triton_backend, scale=None):
+def fp8_pool(k_cache, v_cache):
+    """The fp8 pool (kernels/base.py) holding the caches quantized: unwritten rows stay NaN."""
+    N, S, K, D = k_cache.shape
+    kv = new_pool(1, N, S, K, D, k_cache.dtype, True, k_cache.device)
+    for i, cache in enumerate((k_cache, v_cache)):
+        values, scales = cache_views(kv, 0, i, K, D)
+        values[:], scales[:] = quantize(cache)
+    return kv
+
+
+def run_both(case, triton_backend, scale=None, make_pool=pool):
     """(reference out, k_cache, v_cache), (triton out, k_cache, v_cache) on copies of the pool."""
     q, k, v, k_cache, v_cache, batch = case
     scale = scale or q.shape[-1] ** -0.5
     results = []
     for backend in (ReferenceBackend(), triton_backend):
-        kv = pool(k_cache, v_cache)
+        kv = make_pool(k_cache, v_cache)
         out = backend.forward(q, k, v, kv, 0, backend.prepare(batch), scale)
         results.append((out, kv[0, 0], kv[0, 1]))
     return results
@@ -128,6 +159,43 @@ def test_matches_reference(name):
     cached, q_lens, S, K, G, D, (dtype, tol), overrides = CASES[name]
     case = make_case(cached, q_lens, S, K, G, D, dtype)
     check(case, TritonBackend(**{**SMALL_TILES, **overrides}), tol)
+
+
+def same_quantization(kv, ref_kv, K, D, which=(0, 1), steps=0):
+    """The two fp8 pools hold the same scales and e4m3 values (NaN where unwritten); steps > 0:
+    values up to that many e4m3 steps apart and scales to 1e-5 (inputs unequal in the last bit)."""
+    for i in which:
+        (values, scales), (ref_values, ref_scales) = (cache_views(p, 0, i, K, D) for p in (kv, ref_kv))
+        torch.testing.assert_close(scales, ref_scales, rtol=1e-5 if steps else 0, atol=0, equal_nan=True)
+        a, b = values.float(), ref_values.float()
+        apart = (values.view(torch.uint8).int() - ref_values.view(torch.uint8).int()).abs()
+        off = (apart > steps) & (a != b) & ~(a.isnan() & b.isnan())
+        assert not off.any(), off.nonzero()[:5]
+
+
+@pytest.mark.parametrize("name", ["decode-split-gqa4", "decode-block4-gqa3", "prefix-then-chunk", "mixed-gqa3"])
+def test_fp8_pool_matches_reference(name):
+    """With the fp8 pool: the new K/V quantized as the reference quantizes them (values and
+    scales), and attention over the e4m3 values and scales as the reference's over its
+    dequantized copy. Unwritten rows are NaN: a read of one would show."""
+    cached, q_lens, S, K, G, D, (dtype, tol), overrides = CASES[name]
+    q, k, v, k_cache, v_cache, batch = make_case(cached, q_lens, S, K, G, D, dtype)
+    backend, reference, scale = TritonBackend(**{**SMALL_TILES, **overrides}), ReferenceBackend(), D ** -0.5
+    kv, ref_kv = fp8_pool(k_cache, v_cache), fp8_pool(k_cache, v_cache)
+    ref = reference.forward(q, k, v, ref_kv, 0, reference.prepare(batch), scale)
+    out = backend.forward(q, k, v, kv, 0, batch, scale)
+    same_quantization(kv, ref_kv, K, D)
+    assert not torch.equal(kv, fp8_pool(k_cache, v_cache))           # the new K/V were written
+    # attention alone over the pool the reference wrote
+    (kc, ks), (vc, vs) = (cache_views(ref_kv, 0, i, K, D) for i in (0, 1))
+    read = attend(q, kc, vc, batch.cu_q, batch.seq_lens, batch.block_tables, batch.max_seq_len,
+                  scale, backend.tiles, (ks, vs))
+    assert torch.isfinite(read).all()
+    torch.testing.assert_close(read, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    # attention really reads the quantized values: the full-precision caches give another answer
+    exact = backend.forward(q, k, v, pool(k_cache, v_cache), 0, batch, scale)
+    assert not torch.allclose(read, exact, rtol=tol, atol=tol)
 
 
 def test_default_tiles_and_heuristic_splits():
@@ -180,10 +248,12 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.mark.parametrize("S", [16, 128])
 @pytest.mark.parametrize("num_splits", [None, 7])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_real_sizes_bf16(S, num_splits, mixed):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_real_sizes_bf16(S, num_splits, mixed, fp8):
     """64 sequences x ~1000 keys, Qwen3-0.6B heads (16 q, 8 kv, head_dim 128), bf16, against
     the reference run in fp32 on the same bf16 inputs. `mixed`: every 8th row is a 100-token
-    chunk after a cached prefix of ~900, the rest decode. num_splits None: the heuristic."""
+    chunk after a cached prefix of ~900, the rest decode. num_splits None: the heuristic.
+    fp8: both on the fp8 pool; the new K/V quantized bit for bit as the reference does."""
     g = torch.Generator().manual_seed(S)
     ctx = torch.randint(900, 1100, (64,), generator=g).tolist()
     q_lens = [100 if mixed and b % 8 == 0 else 1 for b in range(64)]
@@ -191,12 +261,16 @@ def test_real_sizes_bf16(S, num_splits, mixed):
     q, k, v, k_cache, v_cache, batch = make_case(cached, q_lens, S, 8, 2, 128, torch.bfloat16,
                                                  device="cuda", seed=S)
     reference = ReferenceBackend()
-    ref = reference.forward(q.float(), k.float(), v.float(), pool(k_cache, v_cache).float(), 0,
+    ref_kv = fp8_pool(k_cache, v_cache) if fp8 else pool(k_cache, v_cache).float()
+    ref = reference.forward(q.float(), k.float(), v.float(), ref_kv, 0,
                             reference.prepare(batch), 128 ** -0.5)
     backend = TritonBackend(num_splits=num_splits)
-    out = backend.forward(q, k, v, pool(k_cache, v_cache), 0, backend.prepare(batch), 128 ** -0.5)
+    kv = (fp8_pool if fp8 else pool)(k_cache, v_cache)
+    out = backend.forward(q, k, v, kv, 0, backend.prepare(batch), 128 ** -0.5)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    if fp8:
+        same_quantization(kv, ref_kv, 8, 128)
 
 
 @pytest.mark.gpu
@@ -245,9 +319,9 @@ def test_shapes_the_kernels_cannot_serve_are_typed_before_anything_starts(tmp_pa
     assert e.value.parameter == "block_size" and not built
 
 
-@pytest.mark.parametrize("norms,dtype,tol", [(True, torch.float32, 1e-5), (False, torch.float32, 1e-5),
-                                             (True, torch.float16, 2e-2)])
-def test_fused_norm_rope_kv_write_matches_reference(norms, dtype, tol):
+@pytest.mark.parametrize("norms,dtype,tol,fp8", [(True, torch.float32, 1e-5, False), (False, torch.float32, 1e-5, False),
+                                                 (True, torch.float16, 2e-2, False), (True, torch.float32, 1e-5, True)])
+def test_fused_norm_rope_kv_write_matches_reference(norms, dtype, tol, fp8):
     """The triton backend given q/k as projected plus `rope` (one kernel: q/k per-head norm,
     rotation, KV write) against model.llama.qk_norm_rope followed by the reference backend."""
     from functional_llm.model.llama import qk_norm_rope, rope_cos_sin
@@ -259,7 +333,7 @@ def test_fused_norm_rope_kv_write_matches_reference(norms, dtype, tol):
     weights = [(1 + 0.3 * torch.randn(32, generator=g)).to(dtype).to(DEVICE) for _ in "qk"] if norms else [None, None]
     results = []
     for fused in (False, True):
-        kv = pool(k_cache, v_cache)
+        kv = (fp8_pool if fp8 else pool)(k_cache, v_cache)
         if fused:
             out = TritonBackend(**SMALL_TILES).forward(q, k, v, kv, 0, batch, 32 ** -0.5,
                                                        rope=(cos, sin, *weights, 1e-6))
@@ -269,6 +343,35 @@ def test_fused_norm_rope_kv_write_matches_reference(norms, dtype, tol):
         results.append((out, kv))
     (ref, ref_kv), (out, kv) = results
     assert torch.isfinite(out).all()
+    if fp8:      # quantized as the unfused path quantizes (out: see test_fp8_pool_matches_reference)
+        same_quantization(kv, ref_kv, 2, 32, which=(1,))
+        same_quantization(kv, ref_kv, 2, 32, which=(0,), steps=1)   # rotation: last-bit differences
+        assert not torch.equal(kv, fp8_pool(k_cache, v_cache))
+        return
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(kv.float(), ref_kv.float(), rtol=tol, atol=tol, equal_nan=True)
     assert not torch.equal(kv[0, 0], pool(k_cache, v_cache)[0, 0])     # keys really written
+
+
+def test_fp8_kv_through_the_llm_gives_the_reference_tokens(tmp_path):
+    """LLM(kv_cache_dtype='fp8') on the triton backend: the reference backend's fp8 tokens,
+    with prefills chunked so later chunks and decodes read the quantized prefix back; and
+    logprobs unlike the full-precision cache's (the cache really quantizes)."""
+    from functional_llm import LLM, SamplingParams
+    from tiny_models import make_tiny_model
+    folder = str(make_tiny_model("qwen3", tmp_path, seed=2))
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(1, 250, (n,), generator=g).tolist() for n in (37, 9, 50)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    out = {}
+    for backend, kv_dtype in (("reference", "fp8"), ("triton", "fp8"), ("triton", "auto")):
+        llm = LLM(folder, device=DEVICE, dtype="float32", attention_backend=backend,
+                  block_size=16, max_num_batched_tokens=32, kv_cache_dtype=kv_dtype)
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        out[backend, kv_dtype] = ([o.token_ids for o in outs],
+                                  [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in outs])
+        assert llm.counters["chunked_prefills"] >= 2
+    assert out["triton", "fp8"][0] == out["reference", "fp8"][0]
+    torch.testing.assert_close(out["triton", "fp8"][1], out["reference", "fp8"][1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(torch.tensor(out["triton", "fp8"][1]), torch.tensor(out["triton", "auto"][1]),
+                              rtol=1e-4, atol=1e-4)

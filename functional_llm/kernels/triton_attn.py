@@ -2,6 +2,10 @@
 
 Four kernels, all reading the pool [N, S, K, D] through the block tables:
 * `_write_kv`: one program per new token copies its [K, D] keys and values to its slot.
+With an fp8 pool (kernels/base.py) the writes quantize each (token, kv head) row with its own
+scale, and the attention kernels load the e4m3 values and multiply the scales into the
+products (a key's scale into its column of scores, a value's into its column of weights):
+nothing dequantizes the pool into a copy.
 * `_decode`: rows with query length 1. One program per (sequence, kv head, split) loads each
   K/V tile once for all G query heads of that kv head (a [G, D] query tile, padded to 16 rows
   for tl.dot). With split-KV each split covers a disjoint key range of its sequence and writes
@@ -28,7 +32,7 @@ from typing import Optional
 import attrs
 import torch
 
-from functional_llm.kernels.base import AttnBatch
+from functional_llm.kernels.base import AttnBatch, cache_views
 
 try:
     import triton
@@ -47,9 +51,10 @@ PROGRAMS_PER_SM = 4     # decode programs wanted per SM before splitting stops
 
 
 @_jit
-def _attend_tile(q, m, l, acc, k_cache, v_cache, table, head_off, start, end, pos, qk_scale,
-                 stride_n, stride_s, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                 MASK_END: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+def _attend_tile(q, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh, start, end, pos,
+                 qk_scale, stride_n, stride_s, stride_h, scale_n, scale_s, PAGE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, D: tl.constexpr, MASK_END: tl.constexpr,
+                 CAUSAL: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
     """One online-softmax step over keys start .. start+BLOCK_N-1 (those < end if MASK_END;
     those <= pos of each row if CAUSAL). Needs at least one visible key per real row in the
     first tile a row sees (m stays finite), which the callers' loop bounds guarantee."""
@@ -57,10 +62,13 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, table, head_off, start, end, po
     d = tl.arange(0, D)
     valid = n < end
     page = tl.load(table + n // PAGE, mask=valid, other=0).to(tl.int64)
-    rows = page * stride_n + (n % PAGE) * stride_s + head_off                 # [BLOCK_N]
+    rows = page * stride_n + (n % PAGE) * stride_s + kh * stride_h           # [BLOCK_N]
     k = tl.load(k_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     v = tl.load(v_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale              # [M, BLOCK_N]
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale  # [M, BLOCK_N]
+    at = page * scale_n + (n % PAGE) * scale_s + kh                          # fp8 scales
+    if FP8:
+        s = s * tl.load(k_scale + at, mask=valid, other=0.0)[None, :]
     if MASK_END:
         s = tl.where(valid[None, :], s, float("-inf"))
     if CAUSAL:
@@ -69,24 +77,43 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, table, head_off, start, end, po
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    if FP8:
+        p = p * tl.load(v_scale + at, mask=valid, other=0.0)[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
     return m_new, l, acc
 
 
 @_jit
-def _write_kv(k, v, k_cache, v_cache, slot_mapping, stride_kt, stride_kh, stride_vt, stride_vh,
-              stride_n, stride_s, stride_h, K, PAGE: tl.constexpr, BLOCK_K: tl.constexpr,
-              D: tl.constexpr):
+def _store_kv(cache, scales, slot, h, d, x, stride_n, stride_s, stride_h, scale_n, scale_s,
+              K, PAGE: tl.constexpr, FP8: tl.constexpr):
+    """Rows x [R, D] of heads h [R] into the cache at `slot` (negative: not written); with FP8
+    each row quantized as kernels.base.quantize does, its float32 scale stored beside."""
+    # tl.where, not `&`, joins a scalar condition to a block: the interpreter mistypes it
+    rmask = tl.where(slot >= 0, h < K, False)
+    dst = (slot // PAGE) * stride_n + (slot % PAGE) * stride_s + h[:, None] * stride_h + d[None, :]
+    if FP8:
+        x = x.to(tl.float32)
+        sc = tl.maximum(tl.max(tl.abs(x), 1), 1.1754943508222875e-38) / 448.0
+        tl.store(scales + (slot // PAGE) * scale_n + (slot % PAGE) * scale_s + h, sc, mask=rmask)
+        x = x / sc[:, None]
+    tl.store(cache + dst, x.to(cache.dtype.element_ty), mask=rmask[:, None])
+
+
+@_jit
+def _write_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, stride_kt, stride_kh,
+              stride_vt, stride_vh, stride_n, stride_s, stride_h, scale_n, scale_s, K,
+              PAGE: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
-    h = tl.arange(0, BLOCK_K)[:, None]
-    d = tl.arange(0, D)[None, :]
-    # a negative slot means "do not write". (tl.where, not `&`, joins a scalar condition to
-    # a block: the interpreter mistypes block & scalar)
-    mask = tl.where(slot >= 0, (h < K) & (d < D), False)
-    dst = (slot // PAGE) * stride_n + (slot % PAGE) * stride_s + h * stride_h + d
-    tl.store(k_cache + dst, tl.load(k + t * stride_kt + h * stride_kh + d, mask=mask), mask=mask)
-    tl.store(v_cache + dst, tl.load(v + t * stride_vt + h * stride_vh + d, mask=mask), mask=mask)
+    h = tl.arange(0, BLOCK_K)
+    d = tl.arange(0, D)
+    mask = tl.where(slot >= 0, h < K, False)[:, None]
+    _store_kv(k_cache, k_scale, slot, h, d,
+              tl.load(k + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0),
+              stride_n, stride_s, stride_h, scale_n, scale_s, K, PAGE, FP8)
+    _store_kv(v_cache, v_scale, slot, h, d,
+              tl.load(v + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0),
+              stride_n, stride_s, stride_h, scale_n, scale_s, K, PAGE, FP8)
 
 
 @_jit
@@ -104,10 +131,11 @@ def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, D: tl.conste
 
 
 @_jit
-def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, slot_mapping, cos, sin, q_norm, k_norm,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_n,
-                   stride_s, stride_h, H, K, eps, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
-                   D: tl.constexpr, PAGE: tl.constexpr):
+def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
+                   q_norm, k_norm, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                   stride_vh, stride_n, stride_s, stride_h, scale_n, scale_s, H, K, eps,
+                   NORM: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                   PAGE: tl.constexpr, FP8: tl.constexpr):
     """Token t: q/k per-head norm (Qwen3) and rope, q into q_out [T, H, D], k and v into the
     pool at slot_mapping[t] (negative: not written). One kernel for what was three."""
     t = tl.program_id(0)
@@ -128,17 +156,21 @@ def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, slot_mapping, cos, sin, q_n
     x = _norm_rope(tl.load(rows + d[None, :], mask=km, other=0.0),
                    tl.load(rows + partner[None, :], mask=km, other=0.0), k_norm, d, partner,
                    c, s, eps, NORM, D)
-    dst = (slot // PAGE) * stride_n + (slot % PAGE) * stride_s + h * stride_h + d[None, :]
-    tl.store(k_cache + dst, x.to(k_cache.dtype.element_ty), mask=km)
-    tl.store(v_cache + dst, tl.load(v + t * stride_vt + h * stride_vh + d[None, :], mask=km),
-             mask=km)
+    # k rounded to the model dtype first, as the unfused path stores (or quantizes) it
+    heads = tl.arange(0, BLOCK_H)
+    _store_kv(k_cache, k_scale, slot, heads, d, x.to(q_out.dtype.element_ty), stride_n,
+              stride_s, stride_h, scale_n, scale_s, K, PAGE, FP8)
+    _store_kv(v_cache, v_scale, slot, heads, d,
+              tl.load(v + t * stride_vt + h * stride_vh + d[None, :], mask=km, other=0.0),
+              stride_n, stride_s, stride_h, scale_n, scale_s, K, PAGE, FP8)
 
 
 @_jit
 def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_tables,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_n, stride_s, stride_h, stride_bt,
-            qk_scale, num_splits, H, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-            PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+            qk_scale, k_scale, v_scale, scale_n, scale_s, num_splits, H, G: tl.constexpr,
+            BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+            SPLIT: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
     b, kh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row = tl.load(cu_q + b)
     is_decode = tl.load(cu_q + b + 1) - row == 1
@@ -159,9 +191,9 @@ def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     table = block_tables + b * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, table, kh * stride_h, start,
-                                 hi, g, qk_scale, stride_n, stride_s, PAGE, BLOCK_N, D,
-                                 True, False, PREC)
+        m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh,
+                                 start, hi, g, qk_scale, stride_n, stride_s, stride_h, scale_n,
+                                 scale_s, PAGE, BLOCK_N, D, True, False, PREC, FP8)
     nonempty = l > 0
     safe_l = tl.where(nonempty, l, 1.0)
     res = acc / safe_l[:, None]                          # an empty split contributes zeros
@@ -196,8 +228,9 @@ def _combine(out, part_out, part_lse, cu_q, stride_ot, stride_oh, num_splits, H,
 @_jit
 def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, num_seqs, stride_qt,
              stride_qh, stride_ot, stride_oh, stride_n, stride_s, stride_h, stride_bt, qk_scale,
-             G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-             D: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr):
+             k_scale, v_scale, scale_n, scale_s, G: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+             PREC: tl.constexpr, BLOCK_B: tl.constexpr, FP8: tl.constexpr):
     # BLOCK_Q = BLOCK_M // G query tokens per tile; rows past BLOCK_Q * G are padding.
     # Program (pid, kh) takes the pid-th query tile over all prefill rows in order: the grid
     # is a bound fixed by the step's shapes (T and B), not by its row lengths, so a padded
@@ -233,13 +266,13 @@ def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, num_seqs, s
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     table = block_tables + b * stride_bt
     for start in range(0, mid, BLOCK_N):
-        m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, table, kh * stride_h, start,
-                                 hi, pos, qk_scale, stride_n, stride_s, PAGE, BLOCK_N, D,
-                                 False, False, PREC)
+        m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh,
+                                 start, hi, pos, qk_scale, stride_n, stride_s, stride_h, scale_n,
+                                 scale_s, PAGE, BLOCK_N, D, False, False, PREC, FP8)
     for start in range(mid, hi, BLOCK_N):
-        m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, table, kh * stride_h, start,
-                                 hi, pos, qk_scale, stride_n, stride_s, PAGE, BLOCK_N, D,
-                                 True, True, PREC)
+        m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh,
+                                 start, hi, pos, qk_scale, stride_n, stride_s, stride_h, scale_n,
+                                 scale_s, PAGE, BLOCK_N, D, True, True, PREC, FP8)
     res = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out + (q_start + i)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              res.to(out.dtype.element_ty), mask=real[:, None])
@@ -273,6 +306,7 @@ class TritonBackend:
     capturable = True   # no host sync; launch shapes fixed by the step's tensor shapes
     compilable = True   # forward is one registered op: torch.compile sees a single node
     fuses_rope = True   # forward takes q/k before their norm and rope (its `rope` argument)
+    fp8_kv = True       # reads and writes the fp8 pool (kernels/base.py)
 
     def __init__(self, num_splits: int | None = None, decode_block_n: int | None = None,
                  prefill_block_m: int | None = None, prefill_block_n: int | None = None,
@@ -321,19 +355,31 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.T
     """The KV write (with q/k norm and rope first, when cos is given) and attention of one
     layer as one operator: torch.compile keeps it a single node and writes kv in place (the
     pool is the one mutated input)."""
-    k_cache, v_cache = kv[layer, 0], kv[layer, 1]
+    (k_cache, k_scale), (v_cache, v_scale) = (cache_views(kv, layer, i, *k.shape[1:]) for i in (0, 1))
+    scales = (k_scale, v_scale)
     if cos is None:
-        write_kv(k, v, k_cache, v_cache, slot_mapping)
+        write_kv(k, v, k_cache, v_cache, slot_mapping, scales)
     else:
-        q = rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, q_norm, k_norm, eps)
+        q = rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, q_norm, k_norm, eps,
+                          scales)
     return attend(q, k_cache, v_cache, cu_q, seq_lens, block_tables, max_seq_len, scale,
-                  Tiles(*tiles))
+                  Tiles(*tiles), scales)
 
 
 @_attention_op.register_fake
 def _(q, k, v, kv, layer, slot_mapping, cu_q, seq_lens, block_tables, max_seq_len, scale, tiles,
       cos=None, sin=None, q_norm=None, k_norm=None, eps=0.0):
     return q.new_empty(q.shape)
+
+
+def _scale_args(scales: tuple, cache: torch.Tensor) -> tuple:
+    """(k_scale, v_scale, their block and row strides) for the kernels, and whether the pool
+    is fp8; without scales the cache stands in for the unused pointers."""
+    k_scale, v_scale = scales
+    if k_scale is None:
+        return (cache, cache, 0, 0), False
+    assert k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1
+    return (k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)), True
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,10 +391,11 @@ def _num_sms(device: torch.device) -> int:
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: torch.Tensor,
            seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int, scale: float,
-           tiles: Tiles = Tiles()) -> torch.Tensor:
+           tiles: Tiles = Tiles(), scales: tuple = (None, None)) -> torch.Tensor:
     """Attention only (the caches already hold this step's K/V): q [T, H, D] -> out [T, H, D].
     Launch shapes depend on T, B and max_seq_len only: rows of query length 1 take _decode,
-    longer ones _prefill, and rows of length 0 (padding) neither."""
+    longer ones _prefill, and rows of length 0 (padding) neither. scales: the fp8 pool's
+    (k_scale, v_scale) [N, S, K] (kernels.base.cache_views), the caches then e4m3."""
     T, H, D = q.shape
     N, S, K, _ = k_cache.shape
     B = seq_lens.shape[0]
@@ -362,8 +409,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
     # fp32 inputs: exact fp32 products (the GPU default is TF32); 16-bit: the default
     prec = "ieee" if q.dtype == torch.float32 else None
     qk_scale = scale * math.log2(math.e)
+    scale_args, fp8 = _scale_args(scales, k_cache)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
-               k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), qk_scale)
+               k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), qk_scale, *scale_args)
     wide = q.element_size() <= 2      # 16-bit inputs: twice the keys per tile
     splits = tiles.num_splits or choose_num_splits(B, K, max_seq_len, _num_sms(q.device))
     block_n = tiles.decode_block_n or min(128, (8192 if wide else 4096) // D)
@@ -376,7 +424,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
     _decode[(B, K, splits)](q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens,
                             block_tables, *strides, splits, H, G=G,
                             BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=S,
-                            BLOCK_N=block_n, SPLIT=splits > 1, PREC=prec,
+                            BLOCK_N=block_n, SPLIT=splits > 1, PREC=prec, FP8=fp8,
                             num_warps=tiles.decode_warps, num_stages=tiles.decode_stages)
     if splits > 1:
         _combine[(B, H)](out, part_out, part_lse, cu_q, out.stride(0), out.stride(1),
@@ -391,36 +439,39 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
         bound = -(-T // block_q) + min(B, T)
         _prefill[(bound, K)](q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, B,
                              *strides, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-                             D=D, PAGE=S, PREC=prec, BLOCK_B=triton.next_power_of_2(B),
+                             D=D, PAGE=S, PREC=prec, BLOCK_B=triton.next_power_of_2(B), FP8=fp8,
                              num_warps=8 if block_m >= 128 else 4, num_stages=2)
     return out
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, scales: tuple = (None, None)) -> None:
     """k/v [T, K, D] into k_cache/v_cache [N, S, K, D] at slot_mapping [T] (flat slots;
-    negative = skip). Mutates the caches only."""
+    negative = skip), quantized when `scales` are given (see attend). Mutates the caches only."""
     T, K, D = k.shape
     assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.stride() == v_cache.stride()
-    _write_kv[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
-                    v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), K,
-                    PAGE=k_cache.shape[1], BLOCK_K=triton.next_power_of_2(K), D=D, num_warps=4)
+    (k_scale, v_scale, scale_n, scale_s), fp8 = _scale_args(scales, k_cache)
+    _write_kv[(T,)](k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, k.stride(0),
+                    k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
+                    k_cache.stride(2), scale_n, scale_s, K, PAGE=k_cache.shape[1],
+                    BLOCK_K=triton.next_power_of_2(K), D=D, FP8=fp8, num_warps=4)
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-                  eps: float) -> torch.Tensor:
+                  eps: float, scales: tuple = (None, None)) -> torch.Tensor:
     """q [T, H, D], k/v [T, K, D] as projected -> q normed and rotated [T, H, D]; k normed,
     rotated and v written into the caches at slot_mapping (model.llama.qk_norm_rope's math)."""
     T, H, D = q.shape
     K = k.shape[1]
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
     q_out, norm = q.new_empty(T, H, D), q_norm is not None
-    _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, slot_mapping, cos, sin,
-                         q_norm if norm else cos, k_norm if norm else cos, q.stride(0),
+    (k_scale, v_scale, scale_n, scale_s), fp8 = _scale_args(scales, k_cache)
+    _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos,
+                         sin, q_norm if norm else cos, k_norm if norm else cos, q.stride(0),
                          q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, K, eps,
-                         NORM=norm, BLOCK_H=triton.next_power_of_2(max(H, K)), D=D,
-                         PAGE=k_cache.shape[1], num_warps=4)
+                         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale_n,
+                         scale_s, H, K, eps, NORM=norm, BLOCK_H=triton.next_power_of_2(max(H, K)),
+                         D=D, PAGE=k_cache.shape[1], FP8=fp8, num_warps=4)
     return q_out
