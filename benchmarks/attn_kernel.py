@@ -9,10 +9,13 @@ from a CUDA graph (no launch gaps):
 KV read per call = seqs x context x kv_heads x head_dim x 2 (K and V) x 2 bytes; bandwidth =
 that / time, next to a 2 GiB device-to-device copy measured in the same run (read + write
 bytes / time). The reference backend's forward is timed too. --sweep adds one line per decode
-tile config (keys per tile, warps, pipeline stages, splits) for tuning.
+tile config (keys per tile, warps, pipeline stages, splits) for tuning. --kv-cache-dtype fp8:
+the pool quantized (kernels/base.py); bytes read = 1 per element + a 4-byte scale per (token,
+kv head) row, and `bf16eq` is the bf16 pool's bytes over the same time (the speed-up as
+bandwidth).
 
     python benchmarks/attn_kernel.py [--block-size 16|128] [--num-seqs 256] [--context 850]
-                                     [--sweep] [--no-reference]
+                                     [--sweep] [--no-reference] [--kv-cache-dtype auto|fp8]
     python benchmarks/attn_kernel.py --prefill [--prefill-tokens 8192] [--num-seqs 8]
 Prints a few `key=value` lines; the last is the summary.
 """
@@ -21,7 +24,7 @@ import math
 
 import torch
 
-from functional_llm.kernels.base import AttnBatch
+from functional_llm.kernels.base import AttnBatch, cache_views, new_pool, quantize
 from functional_llm.kernels.reference import ReferenceBackend
 from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits
 
@@ -78,6 +81,16 @@ def make_batch(num_seqs: int, context: int, S: int):
     return q, k, v, kv[None], batch        # pool [1, 2, N, S, K, D]: one layer
 
 
+def to_fp8(pool: torch.Tensor) -> torch.Tensor:
+    """The bf16 pool [1, 2, N, S, K, D] quantized into the fp8 pool's layout."""
+    _, _, N, S, _, _ = pool.shape
+    fp8 = new_pool(1, N, S, K, D, pool.dtype, True, pool.device)
+    for i in (0, 1):
+        values, scales = cache_views(fp8, 0, i, K, D)
+        values[:], scales[:] = quantize(pool[0, i])
+    return fp8
+
+
 def prefill(args, copy_bw):
     """--prefill: causal attention over fresh prompts of --prefill-tokens tokens in all, split
     into --num-seqs sequences, written to the paged pool (the KV write included): the triton
@@ -121,6 +134,7 @@ def main():
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--prefill", action="store_true", help="prefill attention vs flash-attn 4 varlen")
     ap.add_argument("--prefill-tokens", type=int, default=8192)
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bw = copy_bandwidth()
@@ -128,22 +142,28 @@ def main():
     if args.prefill:
         return prefill(args, copy_bw)
     q, k, v, pool, batch = make_batch(args.num_seqs, args.context, args.block_size)
-    k_cache, v_cache = pool[0, 0], pool[0, 1]
-    kv_bytes = args.num_seqs * args.context * K * D * 2 * 2
+    fp8 = args.kv_cache_dtype == "fp8"
+    if fp8:
+        pool = to_fp8(pool)
+    (k_cache, k_scale), (v_cache, v_scale) = (cache_views(pool, 0, i, K, D) for i in (0, 1))
+    bf16_bytes = args.num_seqs * args.context * K * D * 2 * 2
+    kv_bytes = args.num_seqs * args.context * K * (D + 4) * 2 if fp8 else bf16_bytes
     scale = D ** -0.5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     head = (f"device={torch.cuda.get_device_name(0)!r} seqs={args.num_seqs} context={args.context} "
-            f"block_size={args.block_size} kv_read_MB={kv_bytes / 1e6:.1f} "
+            f"block_size={args.block_size} kv_cache_dtype={args.kv_cache_dtype} "
+            f"kv_read_MB={kv_bytes / 1e6:.1f} "
             f"copy_TBps={copy_bw / 1e12:.3f}")
     print(head, flush=True)
 
     def line(label, us):
         bw = kv_bytes / (us * 1e-6)
-        return f"{label}={us:.1f}us {bw / 1e12:.3f}TB/s {100 * bw / copy_bw:.1f}%copy"
+        eq = f" {100 * bf16_bytes / (us * 1e-6) / copy_bw:.1f}%copy_bf16eq" if fp8 else ""
+        return f"{label}={us:.1f}us {bw / 1e12:.3f}TB/s {100 * bw / copy_bw:.1f}%copy" + eq
 
     def attend_fn(backend):
         return lambda: attend(q, k_cache, v_cache, batch.cu_q, batch.seq_lens, batch.block_tables,
-                              batch.max_seq_len, scale, backend.tiles)
+                              batch.max_seq_len, scale, backend.tiles, (k_scale, v_scale))
 
     if args.sweep:
         for block_n in (32, 64, 128):
