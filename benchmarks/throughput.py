@@ -93,6 +93,9 @@ def main():
                     help="auto (bf16) or fp8 (e4m3 + a float32 scale per token and kv head); "
                          "fp8 also reports %% of the fp8 floor")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="LLM(batch_invariant=True); run it and the default in one device call "
+                         "to get the mode's cost")
     ap.add_argument("--hf", action="store_true", help="also time HF generate on 16 requests")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--sync", action="store_true", help="async_scheduling off (the synchronous loop)")
@@ -109,7 +112,8 @@ def main():
     t0 = time.perf_counter()
     llm = LLM(folder, attention_backend=args.backend, block_size=args.block_size, max_model_len=4096,
               enforce_eager=args.enforce_eager, async_scheduling=not args.sync,
-              tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype)
+              tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype,
+              batch_invariant=args.batch_invariant)
     startup = dict(startup_s=round(time.perf_counter() - t0, 1),
                    capture_s=round(getattr(llm.engine.runner.graphs, "capture_seconds", 0.0), 1),
                    compile_s=round(getattr(llm.engine.runner.graphs, "compile_seconds", 0.0), 1),
@@ -141,7 +145,8 @@ def main():
                   tok_s=round(n_out / dt), copy_bw_TBs=round(bandwidth / 1e12, 3),
                   floor_s=round(floor, 3), pct_of_floor=round(100 * floor / dt, 1),
                   steps=llm.counters["steps"], preemptions=llm.counters["preemptions"],
-                  async_scheduling=llm.engine.pipeline, tensor_parallel_size=args.tp, **startup)
+                  async_scheduling=llm.engine.pipeline, tensor_parallel_size=args.tp,
+                  batch_invariant=args.batch_invariant, **startup)
     if llm.engine.runner.kv.dtype == torch.uint8:     # fp8: 1 byte per value + 4 per row of D
         fp8_floor = floor_seconds(prompts, outs, bandwidth, kv_bytes=1 + 4 / QWEN3_06B["head_dim"])
         report.update(kv_cache_dtype="fp8", fp8_floor_s=round(fp8_floor, 3),

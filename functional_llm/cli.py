@@ -170,7 +170,8 @@ def _model_tokens(args, header):
               num_kv_blocks=cfg["num_blocks"], enable_prefix_caching=cfg["enable_prefix_caching"],
               dtype=shell.get("dtype"), device=args.device or shell.get("device"),
               attention_backend=shell.get("attention_backend"), enforce_eager=shell.get(
-                  "enforce_eager", False), kv_cache_dtype=shell.get("kv_cache_dtype", "auto"))
+                  "enforce_eager", False), kv_cache_dtype=shell.get("kv_cache_dtype", "auto"),
+              batch_invariant=shell.get("determinism", {}).get("batch_invariant", False))
     if T.config_to_json(llm.engine.sched) != cfg:
         raise T.TraceError("model", args.model, "gives another scheduler config than the trace's "
                            f"({T.config_to_json(llm.engine.sched)} vs {cfg})")

@@ -34,7 +34,8 @@ class LLM:
                  device: Optional[str] = None, seed: int = 0,
                  attention_backend: Optional[str] = None, enforce_eager: bool = False,
                  trace: Optional[str] = None, async_scheduling: Optional[bool] = None,
-                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto"):
+                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto",
+                 batch_invariant: bool = False):
         """trace: a file path; every input, Plan, sampled token and core-state digest is
         written there as JSON lines (`functional-llm replay PATH` checks it).
         async_scheduling: schedule step k+1 while step k runs on the device (the pipelined
@@ -49,7 +50,11 @@ class LLM:
         the workers; they are also stopped when the LLM is collected and at exit.
         kv_cache_dtype: "auto" (the model dtype) or "fp8" (float8 e4m3 with a scale per token
         and kv head, kernels/base.py: about twice the tokens in the same memory; the triton
-        and reference backends)."""
+        and reference backends).
+        batch_invariant: a request's tokens and logprobs depend only on its own inputs, not on
+        what else is in the step or how its prompt was chunked: GEMMs and norms of fixed
+        tiles and order (kernels/invariant.py), attention without split-KV and one tile shape
+        for decode and prefill rows (README: what it guarantees and costs)."""
         sizes = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                      num_kv_blocks=num_kv_blocks, tensor_parallel_size=tensor_parallel_size)
@@ -60,7 +65,8 @@ class LLM:
         path = Path(model)
         cfg = load_config(path)
         spec, backend = device_spec(path, cfg, device, dtype, attention_backend, enforce_eager,
-                                    kv_cache_dtype=kv_cache_dtype, **sizes)
+                                    kv_cache_dtype=kv_cache_dtype,
+                                    batch_invariant=batch_invariant, **sizes)
         dtype, world = resolve_dtype(dtype, device), tensor_parallel_size
         if world == 1:
             runner, sched = build_runner(spec)
@@ -79,7 +85,7 @@ class LLM:
                 from functional_llm.core.trace import TraceWriter, header_record
                 writer = TraceWriter(trace, header_record(sched, _trace_shell(
                     path, dtype, device, backend.name, enforce_eager, runner.graphs is not None,
-                    seed, world, spec.kv_cache_dtype), pipeline=async_scheduling))
+                    seed, world, spec.kv_cache_dtype, spec.batch_invariant), pipeline=async_scheduling))
             self.engine = Engine(runner, sched, pipeline=async_scheduling, trace=writer)
         except BaseException:
             if world > 1:
@@ -315,7 +321,7 @@ def _as_prompt_list(prompts) -> list:
 
 
 def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed, world=1,
-                 kv_cache_dtype="auto") -> dict:
+                 kv_cache_dtype="auto", batch_invariant=False) -> dict:
     """A trace header's shell part: what a replay with the model needs, and what can make the
     same inputs give other tokens (versions, determinism flags)."""
     import platform
@@ -325,7 +331,7 @@ def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed, worl
             "seed": seed, "tensor_parallel_size": world, "kv_cache_dtype": kv_cache_dtype, "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
                                        "python": platform.python_version(), "xxhash": xxhash.VERSION},
             "determinism": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-                            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "batch_invariant": False}}
+                            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "batch_invariant": batch_invariant}}
 
 
 def _tokenizer(path: Path):

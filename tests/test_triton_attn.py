@@ -26,7 +26,8 @@ def _use_the_interpreter():
         for name in [n for n in sys.modules if n.split(".")[0] == "triton"
                      and not n.startswith("triton._C")]:
             del sys.modules[name]
-        sys.modules.pop("functional_llm.kernels.triton_attn", None)
+        for name in ("triton_attn", "invariant"):
+            sys.modules.pop(f"functional_llm.kernels.{name}", None)
 
 
 if not torch.cuda.is_available():
@@ -40,6 +41,7 @@ from functional_llm.errors import InvalidConfig  # noqa: E402
 from functional_llm.kernels import get_backend  # noqa: E402
 from functional_llm.kernels.base import AttnBatch, cache_views, new_pool, quantize  # noqa: E402
 from functional_llm.kernels.reference import ReferenceBackend  # noqa: E402
+from functional_llm.kernels import invariant  # noqa: E402
 from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits, write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -375,3 +377,72 @@ def test_fp8_kv_through_the_llm_gives_the_reference_tokens(tmp_path):
     torch.testing.assert_close(out["triton", "fp8"][1], out["reference", "fp8"][1], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(torch.tensor(out["triton", "fp8"][1]), torch.tensor(out["triton", "auto"][1]),
                               rtol=1e-4, atol=1e-4)
+
+
+# -- batch-invariant mode (kernels/invariant.py, TritonBackend.invariant) ----------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_invariant_gemm_and_norm_rows_are_bitwise_the_same_for_any_m(dtype):
+    """Each row of the fixed-tile GEMM (with bias) and of the one-program-per-row RMSNorm is
+    bit for bit the same whatever the row count (1 ... 256) and wherever the row sits; both
+    agree with F.linear / model.llama.rms_norm to rounding."""
+    from functional_llm.model.llama import rms_norm
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 96, generator=g).to(dtype).to(DEVICE)
+    w, b = torch.randn(80, 96, generator=g).to(dtype).to(DEVICE), torch.randn(80, generator=g).to(dtype).to(DEVICE)
+    nw = (1 + 0.2 * torch.randn(96, generator=g)).to(dtype).to(DEVICE)
+    full, normed = invariant.matmul(x, w, b), invariant.rms_norm(x, nw, 1e-6)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(full.float(), torch.nn.functional.linear(x.float(), w.float(), b.float()), **tol)
+    torch.testing.assert_close(normed.float(), rms_norm(x, nw, 1e-6).float(), **tol)
+    for m in (1, 2, 7, 63, 64, 65, 129, 255):
+        assert torch.equal(invariant.matmul(x[:m], w, b), full[:m]), m
+        assert torch.equal(invariant.rms_norm(x[:m], nw, 1e-6), normed[:m]), m
+    perm = torch.randperm(256, generator=g).to(DEVICE)
+    assert torch.equal(invariant.matmul(x[perm], w, b), full[perm])
+    assert torch.equal(invariant.matmul(x[perm[:5]], w, b), full[perm[:5]])
+
+
+def _attend_rows(backend, q, k_cache, v_cache, table, steps, S):
+    """Run one sequence's query rows through `attend` as the given steps; each step is a
+    list of (first, last+1) query ranges of the sequence (several ranges: the same sequence
+    written as separate rows in one step, a stand-in for other sequences sharing it), each
+    row seeing keys 0 .. its position. Returns {position: out row}."""
+    rows = {}
+    for ranges in steps:
+        idx = torch.cat([torch.arange(a, b) for a, b in ranges])
+        cu = torch.tensor([0] + [b - a for a, b in ranges]).cumsum(0).to(torch.int32)
+        seq_lens = torch.tensor([b for _, b in ranges], dtype=torch.int32)
+        tables = table[None].expand(len(ranges), -1).contiguous()
+        out = attend(q[idx.to(DEVICE)], k_cache, v_cache, cu.to(DEVICE), seq_lens.to(DEVICE), tables.to(DEVICE),
+                     int(seq_lens.max()), 0.125, backend.tiles)
+        for i, pos in enumerate(idx.tolist()):
+            rows.setdefault(pos, []).append(out[i])
+    return rows
+
+
+def test_invariant_attention_gives_a_row_the_same_bits_in_decode_and_any_prefill_chunk():
+    """TritonBackend.invariant(): the output for the token at position p is bit for bit the
+    same whether p is decoded alone, decoded beside other rows, or sits anywhere in a prefill
+    chunk starting at any offset (chunked prefill, prefix hits, recompute after preemption).
+    The default configuration (split-KV, decode tiles of other sizes) fails the same check."""
+    S, K, G, D, P = 8, 2, 3, 32, 150
+    g = torch.Generator().manual_seed(1)
+    N = P // S + 2
+    perm = torch.randperm(N, generator=g)
+    table = perm[:-(-P // S)].to(torch.int32)
+    k_cache, v_cache = (torch.randn(N, S, K, D, generator=g).to(DEVICE) for _ in "kv")
+    q = torch.randn(P, K * G, D, generator=g).to(DEVICE)
+    steps = ([[(0, 150)]], [[(0, 37)], [(37, 100)], [(100, 150)]],       # whole, chunked
+             [[(0, 5), (5, 70), (70, 71)], [(71, 150), (120, 121), (149, 150)]],   # with others
+             [[(p, p + 1)] for p in (0, 36, 63, 64, 99, 130, 149)],     # decodes alone
+             [[(p, p + 1), (3, 90)] for p in (64, 149)])                # decodes in a mixed step
+
+    def spread(backend):
+        rows = {}
+        for sched in steps:
+            for pos, outs in _attend_rows(backend, q, k_cache, v_cache, table, sched, S).items():
+                rows.setdefault(pos, []).extend(outs)
+        assert len(rows) == P and sum(len(v) > 2 for v in rows.values()) >= 9
+        return sum(not all(torch.equal(o, outs[0]) for o in outs) for outs in rows.values())
+    assert spread(TritonBackend().invariant()) == 0
+    assert spread(TritonBackend(num_splits=3)) > 0

@@ -331,6 +331,13 @@ class TritonBackend:
             raise InvalidConfig("num_attention_heads", num_heads, f"the triton backend needs "
                                 f"1-16 query heads per kv head ({num_kv_heads} kv heads)")
 
+    def invariant(self) -> "TritonBackend":
+        """The batch-invariant configuration (LLM(batch_invariant=True)): no split-KV, and
+        decode and prefill rows in tiles of one shape (16 query rows, 64 keys, 4 warps), so a
+        row's online softmax takes the same steps with the same instructions whether it
+        decodes, sits at any offset of a prefill chunk, or shares its tile with any rows."""
+        return TritonBackend(num_splits=1, decode_block_n=64, prefill_block_m=16, prefill_block_n=64)
+
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         return batch     # everything is derived on the device, inside the op
 

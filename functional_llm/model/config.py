@@ -40,6 +40,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     torch_dtype: str | None        # the checkpoint's dtype name, e.g. "bfloat16"
+    batch_invariant: bool = False  # LLM(batch_invariant=True): GEMMs and norms of kernels/invariant.py
 
 
 def _read_json(path: pathlib.Path) -> dict:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+from functional_llm.kernels import invariant
 from functional_llm.kernels.base import AttentionBackend, AttnBatch
 from functional_llm.model.config import ModelConfig
 
@@ -49,11 +50,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual update and the next norm: (x + delta, rms_norm(x + delta))."""
-    x = x + delta
-    return x, rms_norm(x, weight, eps)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           cfg: ModelConfig) -> torch.Tensor:
+    """F.linear; with cfg.batch_invariant the fixed-tile GEMM of kernels/invariant.py."""
+    return (invariant.linear if cfg.batch_invariant else F.linear)(x, weight, bias)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """rms_norm with the model's eps; with cfg.batch_invariant one fixed-order kernel."""
+    return (invariant.norm if cfg.batch_invariant else rms_norm)(x, weight, cfg.rms_norm_eps)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
@@ -104,7 +109,7 @@ def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
     p = f"model.layers.{layer}.self_attn."
     T, H, K, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    qkv = F.linear(x, params[p + "qkv_proj.weight"], params.get(p + "qkv_proj.bias"))
+    qkv = linear(x, params[p + "qkv_proj.weight"], params.get(p + "qkv_proj.bias"), cfg)
     q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
     q, k, v = q.view(T, H, D), k.view(T, K, D), v.view(T, K, D)
     rope = (cos, sin, params.get(p + "q_norm.weight"), params.get(p + "k_norm.weight"),
@@ -114,14 +119,15 @@ def attention(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
     else:
         q, k = qk_norm_rope(q, k, *rope[2:4], cos, sin, cfg.rms_norm_eps)
         out = backend.forward(q, k, v, kv, layer, batch, D ** -0.5)
-    return all_reduce(F.linear(out.reshape(T, H * D), params[p + "o_proj.weight"]), mesh)
+    return all_reduce(linear(out.reshape(T, H * D), params[p + "o_proj.weight"], None, cfg), mesh)
 
 
-def mlp(params: dict, layer: int, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
+def mlp(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
+        mesh: Mesh | None = None) -> torch.Tensor:
     """x [T, E] -> [T, E]: down(silu(gate(x)) * up(x)), summed over the ranks' ffw slices."""
     p = f"model.layers.{layer}.mlp."
-    hidden = silu_mul(F.linear(x, params[p + "gate_up_proj.weight"]))
-    return all_reduce(F.linear(hidden, params[p + "down_proj.weight"]), mesh)
+    hidden = silu_mul(linear(x, params[p + "gate_up_proj.weight"], None, cfg))
+    return all_reduce(linear(hidden, params[p + "down_proj.weight"], None, cfg), mesh)
 
 
 def fuse_params(params: dict, cfg: ModelConfig) -> dict:
@@ -153,15 +159,14 @@ def forward(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, positions: 
     the norms, rope, residual adds and activation with their neighbours."""
     x = embed(params, cfg, input_ids, mesh)                                  # [T, E]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    eps, L = cfg.rms_norm_eps, "model.layers.{}."
-    h = rms_norm(x, params[L.format(0) + "input_layernorm.weight"], eps)
+    L = "model.layers.{}."
+    h = norm(x, params[L.format(0) + "input_layernorm.weight"], cfg)
     for i in range(cfg.num_layers):
-        delta = attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh)
-        x, h = add_rms_norm(x, delta, params[L.format(i) + "post_attention_layernorm.weight"], eps)
-        delta = mlp(params, i, h, mesh)
-        nxt = (L.format(i + 1) + "input_layernorm.weight" if i + 1 < cfg.num_layers
-               else "model.norm.weight")
-        x, h = add_rms_norm(x, delta, params[nxt], eps)
+        x = x + attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh)   # residual
+        h = norm(x, params[L.format(i) + "post_attention_layernorm.weight"], cfg)
+        x = x + mlp(params, cfg, i, h, mesh)
+        h = norm(x, params[L.format(i + 1) + "input_layernorm.weight" if i + 1 < cfg.num_layers
+                           else "model.norm.weight"], cfg)
     return h
 
 
@@ -171,7 +176,7 @@ def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor,
     vocab-parallel head scores the rank's V/world slice; the slices are all-gathered in rank
     order, so every rank returns the whole [B, V]."""
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    logits = F.linear(hidden, params[name])
+    logits = linear(hidden, params[name], None, cfg)
     if logits.shape[-1] != cfg.vocab_size:
         assert mesh is not None, "vocab-parallel params need their mesh"
         # gathered along dim 0 ([world * B, V/world]) and laid out by hand: gathering along

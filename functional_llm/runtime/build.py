@@ -42,6 +42,7 @@ class DeviceSpec:
     enforce_eager: bool
     world: int = 1                # tensor_parallel_size
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (kernels/base.py)
+    batch_invariant: bool = False # kernels/invariant.py and the backend's invariant() tiles
 
 
 def _same(n: int) -> int:
@@ -63,6 +64,8 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
         params, rank_cfg = load_params(path, cfg, dtype, device), cfg
     params = fuse_params(params, cfg)
     backend = get_backend(spec.attention_backend)
+    if spec.batch_invariant:
+        rank_cfg, backend = attrs.evolve(rank_cfg, batch_invariant=True), backend.invariant()
     fp8 = spec.kv_cache_dtype == "fp8"
     per_block = 2 * rank_cfg.num_layers * block_bytes(rank_cfg.num_kv_heads, rank_cfg.head_dim,
                                                       spec.block_size, dtype, fp8)
@@ -116,7 +119,8 @@ def check_arguments(sizes: dict, device) -> torch.device:
 
 def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend, enforce_eager,
                 *, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
-                tensor_parallel_size, kv_cache_dtype="auto") -> tuple[DeviceSpec, object]:
+                tensor_parallel_size, kv_cache_dtype="auto",
+                batch_invariant=False) -> tuple[DeviceSpec, object]:
     """(DeviceSpec, attention backend) from the LLM's arguments and the model's config, with
     the defaults filled in; raises InvalidConfig for what the model, backend or device cannot
     serve (before any weight loads or process starts)."""
@@ -139,11 +143,26 @@ def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend,
     if kv_cache_dtype == "fp8" and not getattr(backend, "fp8_kv", False):
         raise InvalidConfig("kv_cache_dtype", "fp8", f"the {backend.name} backend does not "
                             "support it yet (attention_backend='reference' does)")
+    check_invariant(batch_invariant, backend, device, tensor_parallel_size)
     return DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name,
                       block_size, num_kv_blocks, max_num_seqs,
                       max_num_batched_tokens or max(8192, block_size),
                       max_model_len or cfg.max_position_embeddings, enforce_eager,
-                      tensor_parallel_size, kv_cache_dtype), backend
+                      tensor_parallel_size, kv_cache_dtype, batch_invariant), backend
+
+
+def check_invariant(batch_invariant, backend, device: torch.device, world: int) -> None:
+    """The InvalidConfig for a batch_invariant=True the build could not honour."""
+    if not isinstance(batch_invariant, bool):
+        raise InvalidConfig("batch_invariant", batch_invariant, "must be True or False")
+    if not batch_invariant:
+        return
+    if not hasattr(backend, "invariant") or (device.type == "cuda" and backend.name != "triton"):
+        raise InvalidConfig("attention_backend", backend.name, "batch_invariant=True needs the "
+                            "triton backend on a GPU (or the reference backend on the CPU)")
+    if world > 2:   # two ranks sum a + b (one rounding, either order); more sum in an order
+        raise InvalidConfig("tensor_parallel_size", world, "batch_invariant=True holds for "
+                            "1 or 2 ranks: more would sum partials in an order set by the row's place")
 
 
 def check_split(cfg, world: int, device: torch.device) -> None:
