@@ -110,11 +110,14 @@ class OpBackend(ReferenceBackend):
         return torch.ops.functional_llm.reference_attention_for_tests(q, k, v, kv, layer, scale)
 
 
-def test_piecewise_compile_cuts_at_attention_and_repeats_pieces(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_piecewise_compile_cuts_at_attention_and_repeats_pieces(tmp_path, monkeypatch, batch_invariant):
     """The compiled step's backend (runner.piecewise) on a 3-layer model: every step of a
     generate, compiled piece by piece, gives the eager step's tokens and KV; each sampler mode
     compiles 4 pieces around 3 ops; the post-AOT graphs Inductor caches on are the same for
-    the two middle pieces (layer to layer) and, but the last, for the two modes."""
+    the two middle pieces (layer to layer) and, but the last, for the two modes. With
+    batch_invariant the GEMMs and norms are the functional_llm_bi ops (in the pieces, not
+    cut at)."""
     from torch._dynamo.backends.common import aot_autograd
     folder = make_tiny_model("qwen3", tmp_path, num_layers=3)
     llm = LLM(str(folder), device="cpu", max_num_batched_tokens=24, max_num_seqs=8,
@@ -128,7 +131,8 @@ def test_piecewise_compile_cuts_at_attention_and_repeats_pieces(tmp_path, monkey
             return gm
         return aot_autograd(fw_compiler=keep)(piece, example_inputs)
 
-    model = attrs.evolve(runner.model, backend=OpBackend())
+    model = attrs.evolve(runner.model, backend=OpBackend(),
+                         cfg=attrs.evolve(runner.model.cfg, batch_invariant=batch_invariant))
     compiled = compile_step(model, backend=functools.partial(piecewise, compiler=record))
     graphs = StepGraphs(None, sched.max_num_seqs, sched.max_num_batched_tokens,
                         -(-sched.max_model_len // sched.block_size), sched.num_blocks,
@@ -156,6 +160,7 @@ def test_piecewise_compile_cuts_at_attention_and_repeats_pieces(tmp_path, monkey
     llm.generate(prompts, params, use_tqdm=False)
     assert set(modes) == {True, False} and len(modes) > 5
     assert len(codes) == 8                         # 2 modes x (3 layers + 1) pieces, no recompile
+    assert ("functional_llm_bi.linear" in codes[1]) == batch_invariant
     first, second = codes[:4], codes[4:]
     assert first[1] == first[2] and first[0] != first[1]
     assert first[:3] == second[:3] and first[3] != second[3]
