@@ -118,7 +118,7 @@ def _check_batches(llm, sizes=(1, 7, 63, 255)):
 @pytest.mark.gpu
 @on_gpu
 def test_alone_equals_in_any_batch_chunked_with_prefix_hits(real_shapes):
-    llm = LLM(real_shapes, device="cuda", dtype="bfloat16", batch_invariant=True,
+    llm = LLM(real_shapes, device="cuda", dtype="bfloat16", max_model_len=1024, batch_invariant=True,
               max_num_batched_tokens=512)
     assert llm.engine.runner.graphs.graphs          # the compiled step, replayed from graphs
     assert _check_batches(llm) == 0
@@ -131,7 +131,7 @@ def test_alone_equals_in_any_batch_chunked_with_prefix_hits(real_shapes):
 def test_alone_equals_in_a_batch_with_preemption_and_the_traces_agree(real_shapes, tmp_path):
     runs = []
     for name, blocks, n in (("big", None, 63), ("tiny", 160, 31)):
-        llm = LLM(real_shapes, device="cuda", dtype="bfloat16", batch_invariant=True,
+        llm = LLM(real_shapes, device="cuda", dtype="bfloat16", max_model_len=1024, batch_invariant=True,
                   num_kv_blocks=blocks, trace=str(tmp_path / f"{name}.jsonl"), async_scheduling=False)
         prompts, params = _requests(n, seed=3)
         runs.append(_watched(llm, prompts, params))
@@ -160,5 +160,5 @@ def _trace_tokens(path, index):
 @on_gpu
 def test_the_default_mode_is_not_batch_invariant(real_shapes):
     """The same check without the mode finds a difference: the test above can fail."""
-    llm = LLM(real_shapes, device="cuda", dtype="bfloat16", max_num_batched_tokens=512)
+    llm = LLM(real_shapes, device="cuda", dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=512)
     assert _check_batches(llm, sizes=(63, 255)) > 0
