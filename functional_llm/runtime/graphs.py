@@ -36,8 +36,7 @@ def decode_buckets(max_seqs: int) -> list[int]:
     """Row counts. No bucket of 1: a size-1 dimension would be specialised by the compiler
     (a second compile); batch 1 runs padded to 2."""
     small = [2, 4, 8, 16, 24, 32]
-    return sorted({b for b in small if b < max_seqs} | set(range(48, max_seqs, 16))
-                  | {max(2, max_seqs)})
+    return sorted({b for b in small if b < max_seqs} | set(range(48, max_seqs, 16)) | {max(2, max_seqs)})
 
 
 def mixed_buckets(max_tokens: int, max_seqs: int) -> list[int]:
@@ -72,8 +71,7 @@ def _views(buf: torch.Tensor, layout) -> dict:
 
 class StepGraphs:
     def __init__(self, step_fn, max_seqs: int, max_tokens: int, max_blocks: int,
-                 scratch_block: int, block_size: int, max_seq_len: int, device,
-                 mark_dynamic: bool = False):
+                 scratch_block: int, block_size: int, max_seq_len: int, device, mark_dynamic: bool = False):
         """mark_dynamic: step_fn is compiled: mark the token and row dimensions of its inputs
         dynamic, so one compile per sampler mode serves every bucket."""
         self.step_fn, self.device, self.mark_dynamic = step_fn, device, mark_dynamic
@@ -89,9 +87,6 @@ class StepGraphs:
         pin = torch.device(device).type == "cuda"     # (CPU: the padding is tested without graphs)
         self.pinned = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.host = [{k: v.numpy() for k, v in _views(p, self.layout).items()} for p in self.pinned]
-        for h in self.host:
-            h["feed_dst"][:] = 0
-            h["feed_src"][:] = 0
         self.turn = 0
         self.graphs: dict = {}
         self.mempool = None
@@ -117,22 +112,15 @@ class StepGraphs:
 
     def _fill(self, host: dict, h: HostInputs | None, decode: bool, size: int) -> None:
         """Write h's rows into a pinned buffer and pad them to the bucket (h None: all pad)."""
-        T = 0 if h is None else len(h.ids)
-        B = 0 if h is None else len(h.seq_lens)
-        Bs = 0 if h is None else len(h.sample_rows)
+        T, B, Bs = (0, 0, 0) if h is None else (len(h.ids), len(h.seq_lens), len(h.sample_rows))
         rows = size if decode else self.mixed_rows(size)
-        if h is not None:
-            M = h.tables.shape[1]
-            host["ids"][:T] = h.ids
-            host["positions"][:T] = h.positions
-            host["slots"][:T] = h.slots
-            host["cu_q"][:B + 1] = h.cu_q
-            host["seq_lens"][:B] = h.seq_lens
-            host["tables"][:B, :M] = h.tables
-            host["sample_rows"][:Bs] = h.sample_rows
+        if h is not None:   # each field's leading rows (floats and ints: [3, Bs], rows second)
+            for name, n in (("ids", T), ("positions", T), ("slots", T), ("cu_q", B + 1),
+                            ("seq_lens", B), ("sample_rows", Bs), ("banned", Bs)):
+                host[name][:n] = getattr(h, name)
+            host["tables"][:B, :h.tables.shape[1]] = h.tables
             host["floats"][:, :Bs] = h.floats
             host["ints"][:, :Bs] = h.ints
-            host["banned"][:Bs] = h.banned
         host["ids"][T:size] = 0
         host["positions"][T:size] = 0
         host["slots"][T:size] = self.scratch_slot
@@ -155,8 +143,7 @@ class StepGraphs:
         sampling = SamplingTensors(d["floats"][0, :rows], d["ints"][0, :rows], d["floats"][1, :rows],
                                    d["floats"][2, :rows], d["ints"][1, :rows], d["ints"][2, :rows],
                                    False, unfiltered, d["banned"][:rows])
-        inputs = StepInputs(d["ids"][:size], d["positions"][:size], attn, d["sample_rows"][:rows],
-                            sampling)
+        inputs = StepInputs(d["ids"][:size], d["positions"][:size], attn, d["sample_rows"][:rows], sampling)
         if self.mark_dynamic:
             for t in (inputs.input_ids, inputs.positions, attn.slot_mapping, attn.cu_q,
                       attn.seq_lens, attn.block_tables, inputs.sample_rows, *sampling_rows(sampling)):
@@ -186,8 +173,7 @@ class StepGraphs:
         if nf:
             d = self.dev
             d["ids"].index_copy_(0, d["feed_dst"][:nf], feed.src[d["feed_src"][:nf]])
-        unfiltered = bool(np.all(h.ints[0] == 0) and np.all(h.floats[1] >= 1)
-                          and np.all(h.floats[2] <= 0))
+        unfiltered = bool(np.all(h.ints[0] == 0) and np.all(h.floats[1] >= 1) and np.all(h.floats[2] <= 0))
         return decode, size, unfiltered
 
     def capture_all(self) -> None:
@@ -202,8 +188,7 @@ class StepGraphs:
                 t1 = time.perf_counter()
                 self._fill(host, None, decode, size)
                 self.buf.copy_(self.pinned[0])
-                self.graphs[(decode, size, unfiltered)] = self._capture(
-                    self.inputs(decode, size, unfiltered))
+                self.graphs[(decode, size, unfiltered)] = self._capture(self.inputs(decode, size, unfiltered))
                 if (decode, size) == keys[0]:     # the mode's first call compiles it
                     self.compile_seconds += time.perf_counter() - t1
         torch.cuda.synchronize(self.device)
