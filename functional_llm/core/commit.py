@@ -81,13 +81,11 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
             finished[rid] = "length"
     pool = state.pool
     for rid in finished:
-        seq = seqs.pop(rid)
-        pool = B.free(pool, seq.block_table)
+        pool = B.free(pool, seqs.pop(rid).block_table)
     running, waiting = state.running, state.waiting
     if finished:
         running = tuple(r for r in running if r not in finished)
-        if waiting:
-            waiting = tuple(r for r in waiting if r not in finished)
+        waiting = tuple(r for r in waiting if r not in finished)
     new = attrs.evolve(state, waiting=waiting, running=running, seqs=MappingProxyType(seqs), pool=pool)
     return new, Deltas(tuple(rid for rid, _ in rows), tuple(tokens), MappingProxyType(finished),
                        MappingProxyType(cached))

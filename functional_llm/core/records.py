@@ -35,10 +35,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)   # True is an int to Python
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _optional_int(value, top) -> bool:
     return value is None or (_is_int(value) and 0 <= value <= top)
 
@@ -46,7 +42,7 @@ def _optional_int(value, top) -> bool:
 # SamplingParams' checks, in order: (fields, ok(value, params), why; `{p}` names the params).
 # Every type first, so a wrong one is this error, never a TypeError from a comparison.
 _SAMPLING_CHECKS = (
-    (("temperature", "top_p", "min_p"), lambda v, p: _is_number(v),
+    (("temperature", "top_p", "min_p"), lambda v, p: _is_int(v) or isinstance(v, float),
      "must be a number (int or float)"),
     (("top_k", "max_tokens", "min_tokens"), lambda v, p: _is_int(v), "must be an int"),
     (("temperature",), lambda v, p: v >= 0, "must be >= 0 (0 = greedy)"),   # also rejects NaN
@@ -54,13 +50,10 @@ _SAMPLING_CHECKS = (
     (("top_k",), lambda v, p: v >= 0, "must be >= 0 (0 = off)"),
     (("min_p",), lambda v, p: 0 <= v <= 1, "must be in [0, 1]"),
     (("max_tokens",), lambda v, p: v >= 1, "must be >= 1"),
-    (("min_tokens",), lambda v, p: 0 <= v <= p.max_tokens,
-     "must be in [0, max_tokens={p.max_tokens}]"),
+    (("min_tokens",), lambda v, p: 0 <= v <= p.max_tokens, "must be in [0, max_tokens={p.max_tokens}]"),
     (("seed",), lambda v, p: _optional_int(v, 2**63 - 1), "must be None or an int in [0, 2**63)"),
-    (("stop",), lambda v, p: all(isinstance(s, str) and s for s in v),
-     "stop strings must be non-empty str"),
-    (("stop_token_ids",), lambda v, p: all(_is_int(t) and t >= 0 for t in v),
-     "must be non-negative ints"),
+    (("stop",), lambda v, p: all(isinstance(s, str) and s for s in v), "stop strings must be non-empty str"),
+    (("stop_token_ids",), lambda v, p: all(_is_int(t) and t >= 0 for t in v), "must be non-negative ints"),
     (("ignore_eos",), lambda v, p: isinstance(v, bool), "must be a bool"),
     (("logprobs", "prompt_logprobs"), lambda v, p: _optional_int(v, MAX_LOGPROBS),
      f"must be None or an int in [0, {MAX_LOGPROBS}]"),

@@ -61,11 +61,6 @@ def admit(state: SchedState, cfg: SchedConfig, req: Request) -> SchedState:
                         counters=attrs.evolve(ctr, arrivals=ctr.arrivals + 1))
 
 
-def _reset(seq: Seq) -> Seq:
-    """A preempted sequence keeps its tokens but forgets its KV."""
-    return Seq(seq.req, seq.tokens, 0, NO_BLOCKS, (), seq.num_cached)
-
-
 def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
     """Choose the next step's work. Returns the state with blocks allocated for every
     scheduled token (the step writes their KV) and the Plan. Never raises for valid states.
@@ -91,7 +86,7 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
         nonlocal pool
         seq = changed.get(rid) or seqs[rid]
         pool = B.free(pool, seq.block_table)
-        changed[rid] = _reset(seq)
+        changed[rid] = Seq(seq.req, seq.tokens, 0, NO_BLOCKS, (), seq.num_cached)   # tokens kept, KV not
         waiting.insert(0, rid)
         preempted.append(rid)
 
