@@ -90,8 +90,7 @@ class AsyncLLM(contextlib.AbstractAsyncContextManager):
         self._thread.start()
 
     # -- caller side (the event loop) -----------------------------------------------------------
-    async def generate(self, prompt, sampling_params=None,
-                       request_id: Optional[str] = None) -> AsyncIterator:
+    async def generate(self, prompt, sampling_params=None, request_id: Optional[str] = None) -> AsyncIterator:
         """Yield the request's RequestOutputs as the engine makes them; the last one is finished.
         Raises the LLM's typed error (or QueueFull) before anything is admitted, EngineDead if
         the engine loop stops. Cancelling the consuming task or closing the generator (aclose,

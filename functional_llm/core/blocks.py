@@ -133,8 +133,7 @@ def _valid_link(pool: BlockPool, info: CachedBlock) -> bool:
     return link is None or getattr(pool.cached.get(link[0]), "epoch", None) == link[1]
 
 
-def register(pool: BlockPool, block: int, h: int, tokens: tuple,
-             parent_block: Optional[int]) -> BlockPool:
+def register(pool: BlockPool, block: int, h: int, tokens: tuple, parent_block: Optional[int]) -> BlockPool:
     """Index a full block whose KV has been computed under chain hash h. If h already names
     another block with a valid chain, the existing entry wins (identical content)."""
     assert len(tokens) == pool.block_size and pool.ref[block] > 0

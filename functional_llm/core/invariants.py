@@ -32,8 +32,7 @@ def check_pool(pool: BlockPool, hash_fn=chain_hash) -> None:
             assert hash_fn(ph, info.tokens) == info.hash, f"I4: block {b} chain hash mismatch"
 
 
-def check_state(state: SchedState, cfg: SchedConfig, hash_fn=chain_hash,
-                plan: Optional[Plan] = None) -> None:
+def check_state(state: SchedState, cfg: SchedConfig, hash_fn=chain_hash, plan: Optional[Plan] = None) -> None:
     """Between steps (plan None), or during one: `plan` is the step in progress, with rows only
     for live sequences (after a pipelined resolve, the plan without the rows of sequences
     that finished meanwhile). During a step the planned sequences' tables already cover

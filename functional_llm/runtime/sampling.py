@@ -62,8 +62,7 @@ def sampling_rows(st: SamplingTensors) -> tuple:
     return st.temperature, st.top_k, st.top_p, st.min_p, st.seeds, st.positions, st.banned
 
 
-def sampling_from_blocks(floats: np.ndarray, ints: np.ndarray, banned: np.ndarray,
-                         device) -> SamplingTensors:
+def sampling_from_blocks(floats: np.ndarray, ints: np.ndarray, banned: np.ndarray, device) -> SamplingTensors:
     """floats [3, B] float32 (temperature, top_p, min_p), ints [3, B] int64 (top_k, seed,
     position), banned [B, W] int64, already validated -> SamplingTensors. The per-step path:
     three copies, no checks."""
@@ -175,8 +174,7 @@ def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
     return (within + before_chunk[..., None]).view(num_rows, -1)[:, :vocab]
 
 
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor,
-                 columns: torch.Tensor) -> torch.Tensor:
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """seeds [B], positions [B], columns [B, V] int64 -> Gumbel noise [B, V] float32.
 
     Finite everywhere: the uniform lies in [2**-25, 1 - 2**-25]."""
@@ -192,20 +190,16 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor,
     return -torch.log(exp_draw)
 
 
-def uniform_bits(seeds: torch.Tensor, positions: torch.Tensor,
-                 columns: torch.Tensor) -> torch.Tensor:
+def uniform_bits(seeds: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """The counter-based hash: seeds [B], positions [B], columns [B, V] int64 (all >= 0)
     -> [B, V] int64 in [0, 2**24), a pure function of (seed, position, column).
 
     Two independent 32-bit lanes absorb the 64-bit seed and the position per row (cheap,
     [B]); the column is then mixed with both lanes, so a row key is 64 bits wide and two
     requests collide only with probability ~2**-64 per position."""
-    seed_lo = seeds & _MASK32
-    seed_hi = (seeds >> 32) & _MASK32
-    pos_lo = positions & _MASK32
-    pos_hi = (positions >> 32) & _MASK32
-    lane_a = _mix32(seed_lo ^ 0x243F6A88)
-    lane_b = _mix32(seed_hi ^ 0x13198A2E)
+    seed_lo, seed_hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    pos_lo, pos_hi = positions & _MASK32, (positions >> 32) & _MASK32
+    lane_a, lane_b = _mix32(seed_lo ^ 0x243F6A88), _mix32(seed_hi ^ 0x13198A2E)
     for word, salt in ((seed_hi, 0x03707344), (pos_lo, 0x299F31D0), (pos_hi, 0x082EFA98)):
         lane_a = _mix32(lane_a ^ word)
         lane_b = _mix32(lane_b ^ word ^ salt)

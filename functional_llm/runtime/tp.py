@@ -36,8 +36,7 @@ import torch.multiprocessing as mp
 from functional_llm.errors import FunctionalLLMError, InvalidConfig
 from functional_llm.model.sharding import Mesh
 from functional_llm.runtime.runner import Feed
-from functional_llm.runtime.groups import (STARTUP_TIMEOUT, Groups, join_groups, rank_device,
-                                           torchrun_rank)
+from functional_llm.runtime.groups import STARTUP_TIMEOUT, Groups, join_groups, rank_device, torchrun_rank
 from functional_llm.runtime.message import HEADER_LEN, STOP, decode, encode
 from functional_llm.runtime.staging import HostInputs
 
@@ -209,8 +208,7 @@ def start(spec, build):
                           wait_for_workers=False)     # port 0: the OS picks a free one
     errors = ctx.SimpleQueue()
     procs = [ctx.Process(target=_spawned_worker, name=f"functional_llm-tp{rank}",
-                         args=(build, spec, rank, store.port, errors))
-             for rank in range(1, spec.world)]
+                         args=(build, spec, rank, store.port, errors)) for rank in range(1, spec.world)]
     workers = _Workers([], errors)
 
     def join():
