@@ -35,8 +35,8 @@ MODES = (True, False)     # unfiltered, filtered
 def decode_buckets(max_seqs: int) -> list[int]:
     """Row counts. No bucket of 1: a size-1 dimension would be specialised by the compiler
     (a second compile); batch 1 runs padded to 2."""
-    small = [2, 4, 8, 16, 24, 32]
-    return sorted({b for b in small if b < max_seqs} | set(range(48, max_seqs, 16)) | {max(2, max_seqs)})
+    small = {b for b in (2, 4, 8, 16, 24, 32) if b < max_seqs}
+    return sorted(small | set(range(48, max_seqs, 16)) | {max(2, max_seqs)})
 
 
 def mixed_buckets(max_tokens: int, max_seqs: int) -> list[int]:
@@ -75,21 +75,16 @@ class StepGraphs:
         """mark_dynamic: step_fn is compiled: mark the token and row dimensions of its inputs
         dynamic, so one compile per sampler mode serves every bucket."""
         self.step_fn, self.device, self.mark_dynamic = step_fn, device, mark_dynamic
-        self.decode = decode_buckets(max_seqs)
-        self.mixed = mixed_buckets(max_tokens, max_seqs)
-        self.row_cap = max_seqs
-        self.scratch_block, self.max_seq_len = scratch_block, max_seq_len
+        self.decode, self.mixed = decode_buckets(max_seqs), mixed_buckets(max_tokens, max_seqs)
+        self.row_cap, self.scratch_block, self.max_seq_len = max_seqs, scratch_block, max_seq_len
         self.scratch_slot = scratch_block * block_size
-        tokens = max(self.mixed[-1], self.decode[-1])
-        self.layout, nbytes = _layout(tokens, self.decode[-1], max_blocks)
+        self.layout, nbytes = _layout(max(self.mixed[-1], self.decode[-1]), self.decode[-1], max_blocks)
         self.buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self.dev = _views(self.buf, self.layout)
         pin = torch.device(device).type == "cuda"     # (CPU: the padding is tested without graphs)
         self.pinned = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.host = [{k: v.numpy() for k, v in _views(p, self.layout).items()} for p in self.pinned]
-        self.turn = 0
-        self.graphs: dict = {}
-        self.mempool = None
+        self.turn, self.graphs, self.mempool = 0, {}, None   # graphs: by (decode, size, unfiltered)
         self.capture_seconds = self.compile_seconds = 0.0     # start-up, compiles included
 
     def mixed_rows(self, tokens: int) -> int:
@@ -154,8 +149,7 @@ class StepGraphs:
         """Stage h (and the feed of ids from the previous step's tokens), replay; returns the
         step's outputs (tokens [Bs], logits [Bs', V], hidden [T', E]) in the graph's static
         buffers (Bs' >= Bs and T' >= T: the padding), on the device."""
-        key = self.stage(h, feed)
-        graph, (tokens, logits, hidden) = self.graphs[key]
+        graph, (tokens, logits, hidden) = self.graphs[self.stage(h, feed)]
         graph.replay()
         return tokens[:len(h.sample_rows)], logits, hidden
 

@@ -65,8 +65,7 @@ def stage_host(state: SchedState, plan: Plan, sched: SchedConfig) -> HostInputs:
     rows = [seqs[rid] for rid in plan.rids]
     if counts.max() == 1:  # pure decode: one token per row
         ids = np.fromiter((s.tokens[p] for s, p in zip(rows, plan.starts)), np.int64, len(rows))
-        positions = starts
-        row_of = np.arange(len(rows))
+        positions, row_of = starts, np.arange(len(rows))
     else:
         ids = np.concatenate([np.asarray(s.tokens[p:p + c], dtype=np.int64)
                               for s, p, c in zip(rows, plan.starts, plan.counts)])
