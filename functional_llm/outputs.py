@@ -202,10 +202,9 @@ def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int
                  delta_logprobs=tuple(lps[len(lps) - (len(tokens) if first else taken):]) if wants else None,
                  prompt_logprobs=tuple(st.prompt_logprobs) if st.params.prompt_logprobs is not None else None)
     out = RequestOutput(request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
-                        finish_reason=finish, num_cached_tokens=num_cached,
-                        delta_text="".join(parts) if first else text,
-                        delta_token_ids=tuple(tokens) if first else tuple(toks[:taken]),
-                        token_ids=tokens, text_parts=parts, **extra)
+                        finish_reason=finish, num_cached_tokens=num_cached, token_ids=tokens,
+                        delta_text="".join(parts) if first else text, text_parts=parts,
+                        delta_token_ids=tuple(tokens) if first else tuple(toks[:taken]), **extra)
     return new, out
 
 

@@ -97,9 +97,8 @@ class Request:
     # the sampler's per-row values, gathered once here instead of on every step; the last is
     # the position before which EOS and stop ids are masked (min_tokens)
     knobs: tuple = attrs.field(init=False, eq=False, repr=False, default=attrs.Factory(
-        lambda self: (self.params.temperature, self.params.top_p, self.params.min_p,
-                      self.params.top_k, self.seed, len(self.prompt) + self.params.min_tokens),
-        takes_self=True))
+        lambda self: (self.params.temperature, self.params.top_p, self.params.min_p, self.params.top_k,
+                      self.seed, len(self.prompt) + self.params.min_tokens), takes_self=True))
 
 
 def block_array(ids) -> np.ndarray:

@@ -107,10 +107,9 @@ def shard_spec(specs: dict[str, ParamSpec], rules: ShardingRules, world: int, *,
                                 f"of heads of head_dim {unit}")
         count = spec.shape[dim] // unit
         if count % world and not (axis == "kv_heads" and world % count == 0):
-            rule = ("divisible by the number of ranks, or divide it (then each kv head is "
-                    "replicated)") if axis == "kv_heads" else "divisible by the number of ranks"
-            raise InvalidConfig(name, count, f"{count} {axis} cannot be split over {world} "
-                                f"ranks: must be {rule}")
+            kv_rule = ", or divide it (then each kv head is replicated)" if axis == "kv_heads" else ""
+            raise InvalidConfig(name, count, f"{count} {axis} cannot be split over {world} ranks: "
+                                f"must be divisible by the number of ranks{kv_rule}")
     return plan
 
 
@@ -159,8 +158,7 @@ def cfg_for_rank(cfg: ModelConfig, world: int, rules: ShardingRules = DEFAULT_RU
         raise InvalidConfig("rules", rules, "the forward implements heads, kv_heads and ffw "
                             "split over tp and embed replicated (vocab either way)")
     shard_spec(param_specs(cfg), rules, world, head_dim=cfg.head_dim)
-    return attrs.evolve(cfg, num_heads=cfg.num_heads // world,
-                        num_kv_heads=max(cfg.num_kv_heads // world, 1),
+    return attrs.evolve(cfg, num_heads=cfg.num_heads // world, num_kv_heads=max(cfg.num_kv_heads // world, 1),
                         intermediate_size=cfg.intermediate_size // world)
 
 

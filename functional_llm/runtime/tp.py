@@ -198,10 +198,9 @@ def start(spec, build):
         return _start_rank0(spec, build, _Workers([], None), lambda: groups, device)
 
     if dist.is_initialized():
-        raise InvalidConfig("tensor_parallel_size", spec.world, "this process already has a "
-                            "torch.distributed default group (another LLM with "
-                            "tensor_parallel_size > 1 still open?): close it first, or launch "
-                            "every rank with torchrun")
+        raise InvalidConfig("tensor_parallel_size", spec.world, "this process already has a torch."
+                            "distributed default group (another LLM with tensor_parallel_size > 1 still "
+                            "open?): close it first, or launch every rank with torchrun")
     device = rank_device(spec, 0)
     ctx = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=STARTUP_TIMEOUT,
