@@ -103,10 +103,6 @@ class PrefixMatch:
     blocks: tuple = ()        # cached blocks serving the prefix, in order
     hashes: tuple = ()        # their chain hashes
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
 
 def match_prefix(pool: BlockPool, tokens: Sequence[int], hash_fn: Callable = chain_hash) -> PrefixMatch:
     """Longest run of cached full blocks equal to tokens' leading blocks. At least one token is

@@ -115,9 +115,9 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
         match = B.PrefixMatch()
         if cfg.enable_prefix_caching and seq.req.params.prompt_logprobs is None:
             match = B.match_prefix(pool, seq.tokens, hash_fn)   # (prompt logprobs: compute all)
-        start = match.num_blocks * S
+        start = len(match.blocks) * S
         n = min(len(seq.tokens) - start, budget)
-        need = B.blocks_for(start + n, S) - match.num_blocks
+        need = B.blocks_for(start + n, S) - len(match.blocks)
         reviving = sum(pool.ref[b] == 0 for b in match.blocks)
         if need + reviving > pool.num_free:
             break

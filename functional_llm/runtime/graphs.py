@@ -165,8 +165,7 @@ class StepGraphs:
             host["feed_src"][:nf] = feed.index
         self.buf.copy_(self.pinned[1 - self.turn], non_blocking=True)
         if nf:
-            d = self.dev
-            d["ids"].index_copy_(0, d["feed_dst"][:nf], feed.src[d["feed_src"][:nf]])
+            self.dev["ids"].index_copy_(0, self.dev["feed_dst"][:nf], feed.src[self.dev["feed_src"][:nf]])
         unfiltered = bool(np.all(h.ints[0] == 0) and np.all(h.floats[1] >= 1) and np.all(h.floats[2] <= 0))
         return decode, size, unfiltered
 
@@ -175,12 +174,11 @@ class StepGraphs:
         the shared memory pool is sized once. Inputs are all pad rows: they write only the
         scratch block."""
         t0 = time.perf_counter()
-        host = self.host[0]
         keys = [(False, t) for t in reversed(self.mixed)] + [(True, b) for b in reversed(self.decode)]
         for unfiltered in MODES:
             for decode, size in keys:
                 t1 = time.perf_counter()
-                self._fill(host, None, decode, size)
+                self._fill(self.host[0], None, decode, size)
                 self.buf.copy_(self.pinned[0])
                 self.graphs[(decode, size, unfiltered)] = self._capture(self.inputs(decode, size, unfiltered))
                 if (decode, size) == keys[0]:     # the mode's first call compiles it
