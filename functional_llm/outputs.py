@@ -188,8 +188,7 @@ def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int
             if hit:
                 finish, taken = "stop", min(i + 1, len(toks))   # later tokens are dropped
                 break
-    text = "".join(delta)
-    if text:
+    if text := "".join(delta):
         parts = parts.append(text)
     new = OutputState(request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
                       params=st.params, stream=st.stream, token_ids=tokens, prefix_offset=prefix,

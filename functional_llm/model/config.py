@@ -64,9 +64,8 @@ def _rope_theta(raw: dict, folder: pathlib.Path) -> float:
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-        raise InvalidModel("rope_type", rope_type,
-                           f"{folder}/config.json asks for RoPE scaling '{rope_type}'; "
-                           "only rope_type 'default' is supported")
+        raise InvalidModel("rope_type", rope_type, f"{folder}/config.json asks for RoPE scaling "
+                           f"'{rope_type}'; only rope_type 'default' is supported")
     return float(params.get("rope_theta", raw.get("rope_theta", _DEFAULT_ROPE_THETA)))
 
 
@@ -84,8 +83,7 @@ def load_config(path) -> ModelConfig:
     raw = _read_json(folder / "config.json")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InvalidModel("model_type", model_type,
-                           f"{folder}/config.json: supported model types are "
+        raise InvalidModel("model_type", model_type, f"{folder}/config.json: supported model types are "
                            f"{list(SUPPORTED_MODEL_TYPES)}")
     if not any(folder.glob("*.safetensors")):
         raise InvalidModel("model", str(path), "no *.safetensors weight files in the folder")
@@ -102,8 +100,7 @@ def load_config(path) -> ModelConfig:
     merged = {**raw, **(_read_json(generation_file) if generation_file.is_file() else {})}
     bos = merged.get("bos_token_id")
 
-    num_heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
+    num_heads, hidden = int(need("num_attention_heads")), int(need("hidden_size"))
     return ModelConfig(
         arch=model_type,
         vocab_size=int(need("vocab_size")),
