@@ -17,10 +17,13 @@ scale to requantize while the block fills) and one outlier token costs only its 
 """
 from __future__ import annotations
 
+import importlib
 from typing import Protocol
 
 import attrs
 import torch
+
+from functional_llm.errors import InvalidConfig
 
 
 FP8 = torch.float8_e4m3fn
@@ -112,22 +115,10 @@ _PREFERENCE = ("triton", "flash", "reference")
 
 def available_backends() -> list[str]:
     """The registered backends usable here (their kernels import)."""
-    from functional_llm.errors import InvalidConfig
-    usable = []
-    for name in sorted(_REGISTRY):
-        try:
-            get_backend(name)
-        except InvalidConfig:
-            continue
-        usable.append(name)
-    return usable
+    return [name for name in sorted(_REGISTRY) if _usable(name) is not None]
 
 
 def get_backend(name: str) -> AttentionBackend:
-    import importlib
-
-    from functional_llm.errors import InvalidConfig
-
     if name not in _REGISTRY:
         raise InvalidConfig("attention_backend", name, f"known backends: {sorted(_REGISTRY)}")
     module, cls = _REGISTRY[name].split(":")
@@ -137,18 +128,20 @@ def get_backend(name: str) -> AttentionBackend:
         raise InvalidConfig("attention_backend", name, f"not usable here: {e}") from e
 
 
+def _usable(name: str):
+    """get_backend(name), or None where it is not registered or its kernels do not import."""
+    try:
+        return get_backend(name)
+    except InvalidConfig:
+        return None
+
+
 def default_backend(device_type: str, dtype: torch.dtype) -> AttentionBackend:
     """The best backend that loads on this machine and serves this dtype."""
-    from functional_llm.errors import InvalidConfig
-
-    if device_type != "cuda":
-        return get_backend("reference")
-    for name in _PREFERENCE:
-        if name == "flash" and dtype == torch.float32:
-            continue  # flash-attn computes in fp16/bf16 only
-        if name in _REGISTRY:
-            try:
-                return get_backend(name)
-            except InvalidConfig:
-                continue
+    if device_type == "cuda":
+        for name in _PREFERENCE:
+            if name == "flash" and dtype == torch.float32:
+                continue  # flash-attn computes in fp16/bf16 only
+            if (backend := _usable(name)) is not None:
+                return backend
     return get_backend("reference")

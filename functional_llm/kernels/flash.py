@@ -14,6 +14,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from functional_llm.errors import InvalidConfig
 from functional_llm.kernels.base import AttnBatch
 
 
@@ -43,7 +44,6 @@ class FlashBackend:
         return attrs.evolve(batch, extra=cu_k)
 
     def check(self, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        from functional_llm.errors import InvalidConfig
         if self.generation == 2 and block_size % 256:
             raise InvalidConfig("block_size", block_size, "flash-attn 2's paged path needs a "
                                 "multiple of 256")

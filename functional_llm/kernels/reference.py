@@ -27,11 +27,6 @@ class _Group:
     out_rows: torch.Tensor   # [R] int64: their rows in the step's output
 
 
-@attrs.frozen(slots=True)
-class _Plan:
-    groups: tuple[_Group, ...]
-
-
 def _group(batch: AttnBatch, seqs: list[int], q_lens: list[int], seq_lens: list[int]) -> _Group:
     dev = batch.cu_q.device
     idx = torch.tensor(seqs, dtype=torch.int64, device=dev)
@@ -65,15 +60,15 @@ class ReferenceBackend:
         return self
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:
-        """Host side, once per step: returns `batch` with `extra` holding the gather indices
-        and masks. Reads cu_q and seq_lens back to the host (a sync if they live on a GPU)."""
-        cu_q = batch.cu_q.tolist()
-        seq_lens = batch.seq_lens.tolist()
+        """Host side, once per step: returns `batch` with `extra` holding its groups (a tuple
+        of _Group: gather indices and masks). Reads cu_q and seq_lens back to the host (a sync
+        if they live on a GPU)."""
+        cu_q, seq_lens = batch.cu_q.tolist(), batch.seq_lens.tolist()
         q_lens = [cu_q[b + 1] - cu_q[b] for b in range(len(seq_lens))]
         decode = [b for b, n in enumerate(q_lens) if n == 1]
         chunks = [b for b, n in enumerate(q_lens) if n > 1]
         groups = tuple(_group(batch, part, q_lens, seq_lens) for part in (decode, chunks) if part)
-        return attrs.evolve(batch, extra=_Plan(groups))
+        return attrs.evolve(batch, extra=groups)
 
     @staticmethod
     def check(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -96,14 +91,12 @@ class ReferenceBackend:
                 cache[at], scales[at] = quantize(x)
 
         out = q.new_empty(T, H, D)
-        for group in batch.extra.groups:
-            b, Q = group.q_rows.shape
-            P = group.key_valid.shape[1]
+        for group in batch.extra:
+            (b, Q), P = group.q_rows.shape, group.key_valid.shape[1]
             slots = _key_slots(group, S).view(-1)                                  # [b*P]
             at = (slots // S, slots % S)
-            keys, vals = (_read(c, sc, at, q.dtype).view(b, P, K, D)
+            keys, vals = (_read(c, sc, at, q.dtype).view(b, P, K, D).transpose(1, 2)  # [b,K,P,D]
                           for c, sc in ((k_cache, k_scales), (v_cache, v_scales)))
-            keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)                # [b,K,P,D]
             # GQA without copying K/V: query head h = kv_head * G + g (HF's repeat_kv order),
             # so the G heads of one kv head are stacked along the query axis
             queries = q[group.q_rows].view(b, Q, K, G, D).permute(0, 2, 3, 1, 4)
