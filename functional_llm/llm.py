@@ -275,7 +275,7 @@ class LLM:
             for rid in left:
                 if rid in self._outputs:
                     self._outputs = self._outputs.delete(rid)
-                    if self.engine.is_live(rid):  # a step that failed midway may have ended it
+                    if rid in self.engine.state.seqs:  # a step that failed midway may have ended it
                         self.engine.finish(rid)
 
 

@@ -45,11 +45,7 @@ class DeviceSpec:
     batch_invariant: bool = False # kernels/invariant.py and the backend's invariant() tiles
 
 
-def _same(n: int) -> int:
-    return n
-
-
-def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
+def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=lambda n: n):
     """One rank's device half: its weights (its shard when mesh.world > 1), a KV pool of its kv
     heads, the Runner. agree(n) -> the block count every rank can hold (the minimum over the
     ranks). Returns (runner, sched), sched with the scheduling limits the runner was built for
@@ -71,10 +67,8 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
                                                       spec.block_size, dtype, fp8)
     num_blocks = spec.num_kv_blocks
     if num_blocks is None:
-        if device.type == "cuda":
-            budget = torch.cuda.mem_get_info(device)[0] * GPU_KV_FRACTION
-        else:
-            budget = CPU_KV_BYTES
+        budget = (torch.cuda.mem_get_info(device)[0] * GPU_KV_FRACTION if device.type == "cuda"
+                  else CPU_KV_BYTES)
         num_blocks = max(1, int(budget // per_block))
     num_blocks = agree(num_blocks)
     # on GPUs, unless enforce_eager: the whole step compiled (backends whose attention is a
@@ -84,10 +78,8 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=_same):
     compiled = fast and getattr(backend, "compilable", False)
     kv = new_pool(rank_cfg.num_layers, num_blocks + graphs, spec.block_size, rank_cfg.num_kv_heads,
                   rank_cfg.head_dim, dtype, fp8, device)   # zeroed: see kernels/flash.py
-    sched = SchedConfig(block_size=spec.block_size, num_blocks=num_blocks,
-                        max_num_seqs=spec.max_num_seqs,
-                        max_num_batched_tokens=spec.max_num_batched_tokens,
-                        max_model_len=spec.max_model_len)
+    sched = SchedConfig(block_size=spec.block_size, num_blocks=num_blocks, max_num_seqs=spec.max_num_seqs,
+                        max_num_batched_tokens=spec.max_num_batched_tokens, max_model_len=spec.max_model_len)
     model_fns = DeviceModel(params, rank_cfg, backend, mesh=mesh)
     return Runner(model_fns, kv, sched, device, cuda_graphs=graphs, compiled=compiled), sched
 

@@ -32,10 +32,8 @@ class _InFlight:
         self.sampled = [r for r, s in zip(plan.rids, plan.sample) if s]
         self.row_of = {rid: k for k, rid in enumerate(self.sampled)}
         arrays = (out.tokens, *(out.logprobs or ()), *(out.prompt or ()))
-        self.want = {}   # rid -> logprobs k
-        if out.logprobs is not None:
-            self.want = {rid: state.seqs[rid].req.params.logprobs for rid in self.sampled
-                         if state.seqs[rid].req.params.logprobs is not None}
+        self.want = {} if out.logprobs is None else {   # rid -> logprobs k
+            rid: k for rid in self.sampled if (k := state.seqs[rid].req.params.logprobs) is not None}
         self.prompt = None   # (rid per prompt row, target ids, k per rid)
         if out.prompt is not None:
             rids = [plan.rids[r] for r in host.row_of_token(host.prompt_rows)]
@@ -92,8 +90,7 @@ class Engine:
         """trace: records every input, Plan, token and state digest (core/trace.py); with
         pipeline, the pipelined loop's order too (its header must say pipeline=True), so a
         replay re-runs the same transitions in the same order."""
-        self.runner, self.sched, self.pipeline = runner, sched, pipeline
-        self.trace = trace
+        self.runner, self.sched, self.pipeline, self.trace = runner, sched, pipeline, trace
         self.state = new_state(sched)
         self._flight: _InFlight | None = None
         self.dropped_rows = 0   # pipelined: planned rows whose sequence ended while in flight
@@ -117,19 +114,12 @@ class Engine:
         if self.trace is not None:
             self.trace.write(T.finish_record(rid, reason, self.state.counters.steps))
 
-    def is_live(self, rid: str) -> bool:
-        return rid in self.state.seqs
-
     def has_unfinished(self) -> bool:
         return bool(self.state.waiting or self.state.running or self._flight)
 
     @property
     def counters(self) -> Counters:
         return self.state.counters
-
-    @property
-    def kv(self) -> torch.Tensor:
-        return self.runner.kv
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> Deltas:
