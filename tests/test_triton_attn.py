@@ -41,7 +41,7 @@ from functional_llm.errors import InvalidConfig  # noqa: E402
 from functional_llm.kernels import get_backend  # noqa: E402
 from functional_llm.kernels.base import AttnBatch, cache_views, new_pool, quantize  # noqa: E402
 from functional_llm.kernels.reference import ReferenceBackend  # noqa: E402
-from functional_llm.kernels import invariant  # noqa: E402
+import functional_llm.kernels.invariant as invariant  # noqa: E402  (re-imported if dropped above)
 from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits, write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
