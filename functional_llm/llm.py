@@ -15,12 +15,13 @@ import torch
 import xxhash
 
 from functional_llm.core.records import Request, SamplingParams
+from functional_llm.core.trace import TraceWriter, header_record
 from functional_llm.errors import InvalidModel, InvalidPrompt, InvalidSamplingParams
 from functional_llm.model.config import load_config
 from functional_llm.outputs import Emitted, RequestOutput, apply
 from functional_llm.outputs import start as start_output
 from functional_llm.progress import Progress
-from functional_llm.runtime.build import build_runner, check_arguments, device_spec, resolve_dtype
+from functional_llm.runtime.build import build_runner, check_arguments, device_spec
 from functional_llm.runtime.engine import Engine
 
 Prompt = Union[str, Sequence[int]]
@@ -64,11 +65,9 @@ class LLM:
             model = ensure_default_model()
         path = Path(model)
         cfg = load_config(path)
-        spec, backend = device_spec(path, cfg, device, dtype, attention_backend, enforce_eager,
-                                    kv_cache_dtype=kv_cache_dtype,
-                                    batch_invariant=batch_invariant, **sizes)
-        dtype, world = resolve_dtype(dtype, device), tensor_parallel_size
-        if world == 1:
+        spec, _ = device_spec(path, cfg, device, dtype, attention_backend, enforce_eager,
+                              kv_cache_dtype=kv_cache_dtype, batch_invariant=batch_invariant, **sizes)
+        if spec.world == 1:
             runner, sched = build_runner(spec)
         else:
             from functional_llm.runtime import tp
@@ -77,18 +76,14 @@ class LLM:
             sched = attrs.evolve(sched, eos_token_ids=tuple(cfg.eos_token_ids),
                                  enable_prefix_caching=enable_prefix_caching)
             self.tokenizer = _tokenizer(path)
-            self.model_config, self.seed, self.tensor_parallel_size = cfg, seed, world
+            self.model_config, self.seed, self.tensor_parallel_size = cfg, seed, spec.world
             if async_scheduling is None:
                 async_scheduling = device.type == "cuda"
-            writer = None
-            if trace is not None:
-                from functional_llm.core.trace import TraceWriter, header_record
-                writer = TraceWriter(trace, header_record(sched, _trace_shell(
-                    path, dtype, device, backend.name, enforce_eager, runner.graphs is not None,
-                    seed, world, spec.kv_cache_dtype, spec.batch_invariant), pipeline=async_scheduling))
+            writer = None if trace is None else TraceWriter(trace, header_record(
+                sched, _trace_shell(spec, runner.graphs, seed), pipeline=async_scheduling))
             self.engine = Engine(runner, sched, pipeline=async_scheduling, trace=writer)
         except BaseException:
-            if world > 1:
+            if spec.world > 1:
                 runner.close()    # stop the workers now, not at exit
             raise
         self._next_id = 0
@@ -241,8 +236,7 @@ class LLM:
         if not ids:
             raise InvalidPrompt("prompt", prompt, "must not be empty")
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
+        if bad := [t for t in ids if not 0 <= t < vocab]:
             raise InvalidPrompt("prompt", bad[:5], f"token ids must be in [0, {vocab})")
         return ids
 
@@ -320,18 +314,20 @@ def _as_prompt_list(prompts) -> list:
     return list(prompts)
 
 
-def _trace_shell(path, dtype, device, backend, enforce_eager, graphs, seed, world=1,
-                 kv_cache_dtype="auto", batch_invariant=False) -> dict:
+def _trace_shell(spec, graphs, seed: int) -> dict:
     """A trace header's shell part: what a replay with the model needs, and what can make the
     same inputs give other tokens (versions, determinism flags)."""
     import platform
     from importlib.metadata import version
-    return {"model": str(path), "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-            "attention_backend": backend, "enforce_eager": enforce_eager, "cuda_graphs": bool(graphs),
-            "seed": seed, "tensor_parallel_size": world, "kv_cache_dtype": kv_cache_dtype, "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
-                                       "python": platform.python_version(), "xxhash": xxhash.VERSION},
+    return {"model": spec.model, "dtype": spec.dtype, "device": spec.device,
+            "attention_backend": spec.attention_backend, "enforce_eager": spec.enforce_eager,
+            "cuda_graphs": graphs is not None, "seed": seed, "tensor_parallel_size": spec.world,
+            "kv_cache_dtype": spec.kv_cache_dtype,
+            "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
+                         "python": platform.python_version(), "xxhash": xxhash.VERSION},
             "determinism": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-                            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "batch_invariant": batch_invariant}}
+                            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                            "batch_invariant": spec.batch_invariant}}
 
 
 def _tokenizer(path: Path):

@@ -257,8 +257,7 @@ def replay(records: Iterable[dict], step_tokens: Optional[Callable] = None,
                 return stop(step, *bad)
             if dict(deltas.finished) != r.get("finished"):
                 return stop(step, "finished", r.get("finished"), dict(deltas.finished))
-            digest = state_digest(state, deltas)
-            if digest != r.get("digest"):
+            if (digest := state_digest(state, deltas)) != r.get("digest"):
                 return stop(step, "digest", r.get("digest"), digest)
             steps += 1
             if on_step is not None:
