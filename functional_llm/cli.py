@@ -92,9 +92,8 @@ def _llm_and_params(args):
     """The LLM and SamplingParams that generate's and chat's shared options describe."""
     from functional_llm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
-    return llm, SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                               max_tokens=args.max_tokens, seed=args.seed)
+    return LLM(model=args.model, device=args.device, dtype=args.dtype), SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
 
 
 def _generate(args) -> int:

@@ -116,8 +116,7 @@ def arrival_record(req: Request, step: int) -> dict:
 
 
 def request_from_record(r: dict) -> Request:
-    return Request(r["rid"], tuple(r["prompt"]), SamplingParams(**r["params"]), r["seed"],
-                   r["arrival"])
+    return Request(r["rid"], tuple(r["prompt"]), SamplingParams(**r["params"]), r["seed"], r["arrival"])
 
 
 def finish_record(rid: str, reason: str, step: int) -> dict:

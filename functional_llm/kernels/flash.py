@@ -45,8 +45,7 @@ class FlashBackend:
 
     def check(self, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         if self.generation == 2 and block_size % 256:
-            raise InvalidConfig("block_size", block_size, "flash-attn 2's paged path needs a "
-                                "multiple of 256")
+            raise InvalidConfig("block_size", block_size, "flash-attn 2's paged path needs a multiple of 256")
         if head_dim % 8 or head_dim > 256:
             raise InvalidConfig("head_dim", head_dim, "flash-attn needs a multiple of 8, <= 256")
 

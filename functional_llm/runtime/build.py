@@ -120,8 +120,7 @@ def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend,
         raise InvalidConfig("max_model_len", max_model_len, "above the model's own limit "
                             f"(max_position_embeddings={cfg.max_position_embeddings})")
     dtype = resolve_dtype(dtype, device)
-    backend = (get_backend(attention_backend) if attention_backend
-               else default_backend(device.type, dtype))
+    backend = get_backend(attention_backend) if attention_backend else default_backend(device.type, dtype)
     if backend.name == "flash" and dtype == torch.float32:
         raise InvalidConfig("attention_backend", "flash", "flash-attn needs dtype bfloat16 or float16")
     if tensor_parallel_size > 1:

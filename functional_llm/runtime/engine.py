@@ -15,8 +15,7 @@ import torch
 from functional_llm.core import commit as C
 from functional_llm.core import scheduler as S
 from functional_llm.core import trace as T
-from functional_llm.core.records import (Counters, Deltas, Request, SchedConfig, TokenLogprobs,
-                                        new_state)
+from functional_llm.core.records import Counters, Deltas, Request, SchedConfig, TokenLogprobs, new_state
 from functional_llm.errors import EngineStalled
 from functional_llm.runtime.runner import Feed, Runner, StepOut
 from functional_llm.runtime.staging import HostInputs, stage_host
@@ -177,8 +176,7 @@ class Engine:
             if launched is not None:
                 launched.gone.update(deltas.finished)
         if launched is not None:
-            plan, _ = plan.without(launched.gone)
-            self.state = C.advance(self.state, self.sched, plan)
+            self.state = C.advance(self.state, self.sched, plan.without(launched.gone)[0])
         self._flight = launched
         if self.trace is not None:
             self.trace.write(T.pipelined_step_record(

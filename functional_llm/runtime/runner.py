@@ -66,8 +66,7 @@ def compile_step(model: DeviceModel, backend: str | None = None):
     limit."""
     def step(kv: torch.Tensor, inputs: StepInputs) -> tuple:
         return device_step(model, kv, inputs)
-    fresh = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None,
-                               step.__closure__)
+    fresh = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None, step.__closure__)
     return torch.compile(fresh, fullgraph=True, backend=backend or piecewise)
 
 
@@ -133,11 +132,9 @@ class Runner:
         self.graphs = None
         if cuda_graphs:
             assert kv.shape[2] == sched.num_blocks + 1, "graphs need the scratch block"
-            self.graphs = StepGraphs(self._graph_step, sched.max_num_seqs,
-                                     sched.max_num_batched_tokens,
+            self.graphs = StepGraphs(self._graph_step, sched.max_num_seqs, sched.max_num_batched_tokens,
                                      -(-sched.max_model_len // sched.block_size), sched.num_blocks,
-                                     sched.block_size, sched.max_model_len, device,
-                                     mark_dynamic=compiled)
+                                     sched.block_size, sched.max_model_len, device, mark_dynamic=compiled)
             self.graphs.capture_all()
 
     def release_graphs(self) -> None:
