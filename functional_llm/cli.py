@@ -10,6 +10,7 @@ import pathlib
 import re
 import sys
 
+from functional_llm.core import trace as T   # core only: no torch until a model is loaded
 from functional_llm.errors import FunctionalLLMError
 
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -145,8 +146,6 @@ def chat_session(llm, params, read_line, write, system=None) -> list:
 
 def _replay(args) -> int:
     """Core only (no torch import) unless --model is given."""
-    from functional_llm.core import trace as T
-
     records = T.read_trace(args.path)
     report = T.replay(records, _model_tokens(args, records[0]) if args.model else None)
     if report.ok:
@@ -161,15 +160,14 @@ def _replay(args) -> int:
 def _model_tokens(args, header):
     """The engine of an LLM built like the recorded one: its device step re-runs each Plan."""
     from functional_llm import LLM
-    from functional_llm.core import trace as T
 
     cfg, shell = header["config"], header.get("shell", {})
-    llm = LLM(args.model, max_model_len=cfg["max_model_len"], max_num_seqs=cfg["max_num_seqs"],
-              max_num_batched_tokens=cfg["max_num_batched_tokens"], block_size=cfg["block_size"],
-              num_kv_blocks=cfg["num_blocks"], enable_prefix_caching=cfg["enable_prefix_caching"],
-              dtype=shell.get("dtype"), device=args.device or shell.get("device"),
-              attention_backend=shell.get("attention_backend"), enforce_eager=shell.get(
-                  "enforce_eager", False), kv_cache_dtype=shell.get("kv_cache_dtype", "auto"),
+    # the scheduler limits the trace's config and the LLM name alike
+    same = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching")
+    llm = LLM(args.model, **{k: cfg[k] for k in same}, num_kv_blocks=cfg["num_blocks"],
+              device=args.device or shell.get("device"), attention_backend=shell.get("attention_backend"),
+              dtype=shell.get("dtype"), enforce_eager=shell.get("enforce_eager", False),
+              kv_cache_dtype=shell.get("kv_cache_dtype", "auto"),
               batch_invariant=shell.get("determinism", {}).get("batch_invariant", False))
     if T.config_to_json(llm.engine.sched) != cfg:
         raise T.TraceError("model", args.model, "gives another scheduler config than the trace's "
@@ -180,8 +178,6 @@ def _model_tokens(args, header):
 def _plot(args) -> int:
     """Three panels per step, from a core replay: scheduled tokens (prefill / decode), running
     and waiting requests, KV blocks in use; preemptions marked."""
-    from functional_llm.core import trace as T
-
     try:
         from matplotlib.figure import Figure   # no pyplot: no global backend or figure state
     except ImportError:

@@ -63,8 +63,7 @@ class LLM:
         if model is None:
             from functional_llm.model.gguf import ensure_default_model
             model = ensure_default_model()
-        path = Path(model)
-        cfg = load_config(path)
+        path, cfg = Path(model), load_config(Path(model))
         spec, _ = device_spec(path, cfg, device, dtype, attention_backend, enforce_eager,
                               kv_cache_dtype=kv_cache_dtype, batch_invariant=batch_invariant, **sizes)
         if spec.world == 1:
@@ -170,9 +169,8 @@ class LLM:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise InvalidModel("model", "<tokenizer>", "this model has no chat template")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False,
-                                                    add_generation_prompt=add_generation_prompt)
-                 for c in convs]
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                                    tokenize=False) for c in convs]
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         outs = self.generate(ids, sampling_params, use_tqdm)
         return [attrs.evolve(o, prompt=t) for o, t in zip(outs, texts)]

@@ -30,11 +30,12 @@ def _load():
 
 class FlashBackend:
     name = "flash"
-    capturable = True   # forward reads only AttnBatch tensors: no host sync, fixed launch shapes
 
     def __init__(self):
         self.generation, self._fn = _load()
-        self.capturable = self.generation == 4   # 2.x needs cu_seqlens_k built in prepare
+        # capturable: flash-attn 4's forward reads only AttnBatch tensors (no host sync, fixed
+        # launch shapes); 2.x needs cu_seqlens_k built in prepare
+        self.capturable = self.generation == 4
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         if self.generation == 4:
@@ -59,7 +60,6 @@ class FlashBackend:
                            seqused_k=batch.seq_lens, page_table=batch.block_tables,
                            softmax_scale=scale, causal=True)
         else:
-            out = self._fn(q, k_cache, v_cache, batch.cu_q, batch.extra, batch.max_q,
-                           batch.max_seq_len, softmax_scale=scale, causal=True,
-                           block_table=batch.block_tables)
+            out = self._fn(q, k_cache, v_cache, batch.cu_q, batch.extra, batch.max_q, batch.max_seq_len,
+                           softmax_scale=scale, causal=True, block_table=batch.block_tables)
         return out[0] if isinstance(out, tuple) else out

@@ -45,9 +45,8 @@ def _group(batch: AttnBatch, seqs: list[int], q_lens: list[int], seq_lens: list[
     causal = ar_k[None, None, :] <= pos[:, :, None]                            # [b, Q, P]
     mask = (causal | ~q_valid[:, :, None]) & key_valid[:, None, :]
     out_index = q_valid.flatten().nonzero().squeeze(1)
-    return _Group(q_rows=q_rows, tables=batch.block_tables.long()[idx], key_pos=ar_k,
-                  key_valid=key_valid, mask=mask[:, None], out_index=out_index,
-                  out_rows=q_rows.flatten()[out_index])
+    return _Group(q_rows=q_rows, tables=batch.block_tables.long()[idx], key_pos=ar_k, key_valid=key_valid,
+                  mask=mask[:, None], out_index=out_index, out_rows=q_rows.flatten()[out_index])
 
 
 class ReferenceBackend:

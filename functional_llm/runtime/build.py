@@ -135,11 +135,10 @@ def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend,
         raise InvalidConfig("kv_cache_dtype", "fp8", f"the {backend.name} backend does not "
                             "support it yet (attention_backend='reference' does)")
     check_invariant(batch_invariant, backend, device, tensor_parallel_size)
-    return DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name,
-                      block_size, num_kv_blocks, max_num_seqs,
-                      max_num_batched_tokens or max(8192, block_size),
-                      max_model_len or cfg.max_position_embeddings, enforce_eager,
-                      tensor_parallel_size, kv_cache_dtype, batch_invariant), backend
+    return DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name, block_size,
+                      num_kv_blocks, max_num_seqs, max_num_batched_tokens or max(8192, block_size),
+                      max_model_len or cfg.max_position_embeddings, enforce_eager, tensor_parallel_size,
+                      kv_cache_dtype, batch_invariant), backend
 
 
 def check_invariant(batch_invariant, backend, device: torch.device, world: int) -> None:

@@ -148,9 +148,8 @@ class Engine:
             cfg = self.sched
             raise EngineStalled("request_id", self.state.waiting, (
                 f"cannot be scheduled with nothing running (max_num_seqs={cfg.max_num_seqs}, "
-                f"max_num_batched_tokens={cfg.max_num_batched_tokens}, num_kv_blocks="
-                f"{cfg.num_blocks} of {cfg.block_size} tokens, "
-                f"{self.state.pool.num_free} free); abort them"))
+                f"max_num_batched_tokens={cfg.max_num_batched_tokens}, num_kv_blocks={cfg.num_blocks} of "
+                f"{cfg.block_size} tokens, {self.state.pool.num_free} free); abort them"))
 
     def _pipelined_step(self) -> Deltas:
         state, plan = S.schedule(self.state, self.sched)
@@ -161,9 +160,8 @@ class Engine:
             feed = None
             if prev is not None:
                 dst = np.flatnonzero(host.ids == C.PENDING)
-                feed = Feed(dst, prev.device_tokens,
-                            np.fromiter((prev.row_of[plan.rids[r]] for r in host.row_of_token(dst)),
-                                        np.int64, len(dst)))
+                feed = Feed(dst, prev.device_tokens, np.fromiter(
+                    (prev.row_of[plan.rids[r]] for r in host.row_of_token(dst)), np.int64, len(dst)))
             launched = _InFlight(plan, self.runner.launch(host, feed), self.state, host)
         scheduled, tokens, deltas = plan, [], Deltas()   # the trace records plan k, step k-1's samples
         if prev is not None:
