@@ -30,7 +30,7 @@ import queue
 import signal
 import threading
 import uuid
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from functional_llm import errors
 from functional_llm.errors import EngineDead, InvalidConfig, QueueFull
@@ -358,8 +358,8 @@ class EngineProcess:
 
 
 def _put_all(items) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+    for target, item in items:
+        target.put_nowait(item)
 
 
 def _portable(exc: BaseException):
