@@ -120,6 +120,10 @@ class Engine:
     def counters(self) -> Counters:
         return self.state.counters
 
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.runner.kv
+
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> Deltas:
         """One step; returns the deltas of the step resolved now (the pipelined loop: of the
