@@ -17,7 +17,7 @@ from throughput import random_model, workload  # noqa: E402
 from functional_llm import LLM, SamplingParams  # noqa: E402
 
 # kernel name fragments -> class (first match wins; Inductor's fused kernels are triton_*)
-CLASSES = [("attention (KV write, decode, combine, prefill)", ("_write_kv", "_decode", "_combine", "_prefill", "flash")),
+CLASSES = [("attention (KV write, decode, combine, prefill)", ("_rope_write_kv", "_decode", "_combine", "_prefill", "flash")),
            ("GEMM", ("gemm", "cutlass", "nvjet", "sm90", "sm80", "cublas", "matmul", "splitk")),
            ("fused norms/rope/act/sampler (Inductor)", ("triton_",)),
            ("collectives", ("nccl",)),

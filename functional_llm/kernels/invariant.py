@@ -62,8 +62,7 @@ def _rms_norm(x, w, out, stride_x, E, eps, BLOCK: tl.constexpr):
 
 def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K].T (+ bias [N]) -> [M, N] in x's dtype, by the fixed-tile kernel."""
-    M, K = x.shape
-    N = w.shape[0]
+    (M, K), N = x.shape, w.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     assert w.stride(1) == 1
     out = x.new_empty(M, N)
@@ -87,9 +86,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.library.custom_op("functional_llm_bi::linear", mutates_args=())
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, batch-invariant on CUDA (model.llama with cfg.batch_invariant)."""
-    if x.is_cuda:
-        return matmul(x, w, bias)
-    return torch.nn.functional.linear(x, w, bias)
+    return matmul(x, w, bias) if x.is_cuda else torch.nn.functional.linear(x, w, bias)
 
 
 @linear.register_fake

@@ -1,7 +1,8 @@
 """The `triton` backend: paged attention kernels written in Triton.
 
-Four kernels, all reading the pool [N, S, K, D] through the block tables:
-* `_write_kv`: one program per new token copies its [K, D] keys and values to its slot.
+Kernels, all reading the pool [N, S, K, D] through the block tables:
+* `_rope_write_kv`: one program per new token norms and rotates its q and k (Qwen3's per-head
+  norm; RoPE) and writes its [K, D] keys and values to its slot.
 With an fp8 pool (kernels/base.py) the writes quantize each (token, kv head) row with its own
 scale, and the attention kernels load the e4m3 values and multiply the scales into the
 products (a key's scale into its column of scores, a value's into its column of weights):
@@ -100,44 +101,31 @@ def _store_kv(cache, scales, slot, h, d, x, stride_n, stride_s, stride_h, scale_
 
 
 @_jit
-def _write_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, stride_kt, stride_kh,
-              stride_vt, stride_vh, stride_n, stride_s, stride_h, scale_n, scale_s, K,
-              PAGE: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
-    t = tl.program_id(0)
-    slot = tl.load(slot_mapping + t)
-    h = tl.arange(0, BLOCK_K)
-    d = tl.arange(0, D)
-    mask = tl.where(slot >= 0, h < K, False)[:, None]
-    _store_kv(k_cache, k_scale, slot, h, d,
-              tl.load(k + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0),
-              stride_n, stride_s, stride_h, scale_n, scale_s, K, PAGE, FP8)
-    _store_kv(v_cache, v_scale, slot, h, d,
-              tl.load(v + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0),
-              stride_n, stride_s, stride_h, scale_n, scale_s, K, PAGE, FP8)
-
-
-@_jit
-def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, D: tl.constexpr):
+def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, ROPE: tl.constexpr,
+               D: tl.constexpr):
     """Rows x [R, D] (and xp, the same rows at the partner columns) -> per-row RMSNorm with
     weight w (if NORM; rounded to the input dtype before the weight, as model.llama.rms_norm),
-    then rotated: x * cos + rotate_half(x) * sin, with the sign folded into s. fp32 out."""
+    then (if ROPE) rotated: x * cos + rotate_half(x) * sin, the sign folded into s. fp32 out."""
     dtype = x.dtype
     x, xp = x.to(tl.float32), xp.to(tl.float32)
     if NORM:
         r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
         x = (x * r).to(dtype).to(tl.float32) * tl.load(w + d).to(tl.float32)[None, :]
         xp = (xp * r).to(dtype).to(tl.float32) * tl.load(w + partner).to(tl.float32)[None, :]
-    return x * c[None, :] + xp * s[None, :]
+    if ROPE:
+        x = x * c[None, :] + xp * s[None, :]
+    return x
 
 
 @_jit
 def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
                    q_norm, k_norm, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                    stride_vh, stride_n, stride_s, stride_h, scale_n, scale_s, H, K, eps,
-                   NORM: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                   PAGE: tl.constexpr, FP8: tl.constexpr):
+                   NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
+                   D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr):
     """Token t: q/k per-head norm (Qwen3) and rope, q into q_out [T, H, D], k and v into the
-    pool at slot_mapping[t] (negative: not written). One kernel for what was three."""
+    pool at slot_mapping[t] (negative: not written). One kernel for what was three. Without
+    NORM and ROPE: the plain KV write (q copied)."""
     t = tl.program_id(0)
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, D)
@@ -148,14 +136,14 @@ def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapp
     qm = (h < H) & (d[None, :] < D)
     x = _norm_rope(tl.load(rows + d[None, :], mask=qm, other=0.0),
                    tl.load(rows + partner[None, :], mask=qm, other=0.0), q_norm, d, partner,
-                   c, s, eps, NORM, D)
+                   c, s, eps, NORM, ROPE, D)
     tl.store(q_out + (t * H + h) * D + d[None, :], x.to(q_out.dtype.element_ty), mask=qm)
     slot = tl.load(slot_mapping + t)
     km = tl.where(slot >= 0, (h < K) & (d[None, :] < D), False)
     rows = k + t * stride_kt + h * stride_kh
     x = _norm_rope(tl.load(rows + d[None, :], mask=km, other=0.0),
                    tl.load(rows + partner[None, :], mask=km, other=0.0), k_norm, d, partner,
-                   c, s, eps, NORM, D)
+                   c, s, eps, NORM, ROPE, D)
     # k rounded to the model dtype first, as the unfused path stores (or quantizes) it
     heads = tl.arange(0, BLOCK_H)
     _store_kv(k_cache, k_scale, slot, heads, d, x.to(q_out.dtype.element_ty), stride_n,
@@ -300,7 +288,7 @@ class Tiles:
 
 
 class TritonBackend:
-    """Tile sizes and num_splits may be overridden (tests, tuning); None picks the defaults."""
+    """Tiles' fields may be given (tests, tuning); absent or None picks the default."""
 
     name = "triton"
     capturable = True   # no host sync; launch shapes fixed by the step's tensor shapes
@@ -308,13 +296,10 @@ class TritonBackend:
     fuses_rope = True   # forward takes q/k before their norm and rope (its `rope` argument)
     fp8_kv = True       # reads and writes the fp8 pool (kernels/base.py)
 
-    def __init__(self, num_splits: int | None = None, decode_block_n: int | None = None,
-                 prefill_block_m: int | None = None, prefill_block_n: int | None = None,
-                 decode_warps: int = 4, decode_stages: int = 3):
+    def __init__(self, **tiles: int | None):
         if triton is None:
             raise ImportError(f"the triton package is not installed ({_MISSING})")
-        self.tiles = Tiles(num_splits or 0, decode_block_n or 0, prefill_block_m or 0,
-                           prefill_block_n or 0, decode_warps, decode_stages)
+        self.tiles = Tiles(**{name: n for name, n in tiles.items() if n is not None})
         self._tile_args = list(attrs.astuple(self.tiles))   # plain ints, for the op
 
     @staticmethod
@@ -364,11 +349,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.T
     pool is the one mutated input)."""
     (k_cache, k_scale), (v_cache, v_scale) = (cache_views(kv, layer, i, *k.shape[1:]) for i in (0, 1))
     scales = (k_scale, v_scale)
-    if cos is None:
-        write_kv(k, v, k_cache, v_cache, slot_mapping, scales)
-    else:
-        q = rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, q_norm, k_norm, eps,
-                          scales)
+    q = rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, q_norm, k_norm, eps, scales)
     return attend(q, k_cache, v_cache, cu_q, seq_lens, block_tables, max_seq_len, scale,
                   Tiles(*tiles), scales)
 
@@ -391,9 +372,8 @@ def _scale_args(scales: tuple, cache: torch.Tensor) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8          # the interpreter's stand-in
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """The device's SM count (8 stands in for it under the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: torch.Tensor,
@@ -434,9 +414,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
                             BLOCK_N=block_n, SPLIT=splits > 1, PREC=prec, FP8=fp8,
                             num_warps=tiles.decode_warps, num_stages=tiles.decode_stages)
     if splits > 1:
-        _combine[(B, H)](out, part_out, part_lse, cu_q, out.stride(0), out.stride(1),
-                         splits, H, BLOCK_SPLITS=triton.next_power_of_2(splits), D=D,
-                         num_warps=4)
+        _combine[(B, H)](out, part_out, part_lse, cu_q, out.stride(0), out.stride(1), splits, H,
+                         BLOCK_SPLITS=triton.next_power_of_2(splits), D=D, num_warps=4)
     if T > B:   # some row has more than one query token (padded steps always launch)
         block_m = tiles.prefill_block_m or (128 if wide and G >= 4 else 64)
         block_n = tiles.prefill_block_n or (64 if wide else 32)
@@ -455,30 +434,26 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor, scales: tuple = (None, None)) -> None:
     """k/v [T, K, D] into k_cache/v_cache [N, S, K, D] at slot_mapping [T] (flat slots;
     negative = skip), quantized when `scales` are given (see attend). Mutates the caches only."""
-    T, K, D = k.shape
-    assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.stride() == v_cache.stride()
-    (k_scale, v_scale, scale_n, scale_s), fp8 = _scale_args(scales, k_cache)
-    _write_kv[(T,)](k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, k.stride(0),
-                    k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
-                    k_cache.stride(2), scale_n, scale_s, K, PAGE=k_cache.shape[1],
-                    BLOCK_K=triton.next_power_of_2(K), D=D, FP8=fp8, num_warps=4)
+    rope_write_kv(k, k, v, k_cache, v_cache, slot_mapping, None, None, None, None, 0.0, scales)
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                  sin: torch.Tensor | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                   eps: float, scales: tuple = (None, None)) -> torch.Tensor:
     """q [T, H, D], k/v [T, K, D] as projected -> q normed and rotated [T, H, D]; k normed,
-    rotated and v written into the caches at slot_mapping (model.llama.qk_norm_rope's math)."""
+    rotated and v written into the caches at slot_mapping (model.llama.qk_norm_rope's math).
+    cos None: no rotation (q comes back as it was)."""
     T, H, D = q.shape
     K = k.shape[1]
-    assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
-    q_out, norm = q.new_empty(T, H, D), q_norm is not None
+    rope, norm, q_out = cos is not None, q_norm is not None, q.new_empty(T, H, D)
+    assert q.stride(2) == k.stride(2) == v.stride(2) == 1
+    assert not rope or cos.is_contiguous() and sin.is_contiguous()
     (k_scale, v_scale, scale_n, scale_s), fp8 = _scale_args(scales, k_cache)
-    _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos,
-                         sin, q_norm if norm else cos, k_norm if norm else cos, q.stride(0),
-                         q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale_n,
-                         scale_s, H, K, eps, NORM=norm, BLOCK_H=triton.next_power_of_2(max(H, K)),
-                         D=D, PAGE=k_cache.shape[1], FP8=fp8, num_warps=4)
+    cos, sin = (cos, sin) if rope else (q, q)       # unread without ROPE
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], scale_n, scale_s)
+    _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
+                         q_norm if norm else cos, k_norm if norm else cos, *strides, H, K, eps,
+                         NORM=norm, ROPE=rope, BLOCK_H=triton.next_power_of_2(max(H, K)), D=D,
+                         PAGE=k_cache.shape[1], FP8=fp8, num_warps=4)
     return q_out
