@@ -55,7 +55,7 @@ class LLM:
         batch_invariant: a request's tokens and logprobs depend only on its own inputs, not on
         what else is in the step or how its prompt was chunked: GEMMs and norms of fixed
         tiles and order (kernels/invariant.py), attention without split-KV and one tile shape
-        for decode and prefill rows (README: what it guarantees and costs)."""
+        for decode and prefill rows (README: what it guarantees and costs). GPU only."""
         sizes = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                      num_kv_blocks=num_kv_blocks, tensor_parallel_size=tensor_parallel_size)

@@ -1,7 +1,8 @@
 """LLM(batch_invariant=True): a request's tokens and logprobs depend only on its own inputs.
 
-On the CPU: the argument is checked and recorded, the model really goes through the invariant
-GEMM and norm ops, and a request alone equals itself in a batch. The kernels themselves are
+On the CPU (which the mode refuses: torch's GEMMs there round a row by the row count): the
+argument is checked, and past the check the model goes through the invariant GEMM and norm
+ops and the trace records the mode. The kernels themselves are
 tested bit for bit in test_triton_attn.py (interpreter). On a GPU (marked `gpu`): real Qwen3
 shapes in bf16 with the compiled step and CUDA graphs, alone vs inside batches of 1, 7, 63
 and 255 others, with chunked prefill, prefix-cache hits, preemption and traces; and the
@@ -29,24 +30,31 @@ def tiny(tmp_path_factory):
 
 
 def test_refused_where_it_cannot_hold(tiny):
-    with pytest.raises(InvalidConfig) as e:
-        LLM(tiny, device="cpu", batch_invariant="yes")
-    assert e.value.parameter == "batch_invariant"
+    for value in ("yes", True):        # not a bool; the CPU (torch's GEMMs round by row count)
+        with pytest.raises(InvalidConfig) as e:
+            LLM(tiny, device="cpu", batch_invariant=value)
+        assert e.value.parameter == "batch_invariant"
     from functional_llm.kernels.reference import ReferenceBackend
     from functional_llm.kernels.triton_attn import TritonBackend
-    with pytest.raises(InvalidConfig) as e:        # padded SDPA groups on a GPU
-        check_invariant(True, ReferenceBackend(), torch.device("cuda"), 1)
+    cuda = torch.device("cuda")
+    with pytest.raises(InvalidConfig) as e:        # padded SDPA groups
+        check_invariant(True, ReferenceBackend(), cuda, 1)
     assert e.value.parameter == "attention_backend"
     with pytest.raises(InvalidConfig) as e:        # three ranks sum in a row-dependent order
-        check_invariant(True, ReferenceBackend(), torch.device("cpu"), 3)
+        check_invariant(True, TritonBackend, cuda, 3)
     assert e.value.parameter == "tensor_parallel_size"
-    check_invariant(True, ReferenceBackend(), torch.device("cpu"), 2)
-    check_invariant(True, TritonBackend, torch.device("cuda"), 2)   # (the class: no triton needed)
+    check_invariant(True, TritonBackend, cuda, 2)  # (the class: no triton needed)
 
 
 def test_the_model_runs_the_invariant_ops_and_the_trace_says_so(tiny, tmp_path, monkeypatch):
+    """Past its check (the CPU is refused: patched here), the flag reaches the model, which
+    calls the invariant ops (their torch fallback on the CPU), the trace header and replay."""
     from functional_llm.kernels import invariant
     from functional_llm.model import llama
+    from functional_llm.runtime import build
+    from functional_llm.kernels.reference import ReferenceBackend
+    monkeypatch.setattr(build, "check_invariant", lambda *a: None)
+    monkeypatch.setattr(ReferenceBackend, "invariant", lambda self: self, raising=False)
     calls = {"linear": 0, "norm": 0}
 
     class Counting:
@@ -62,7 +70,7 @@ def test_the_model_runs_the_invariant_ops_and_the_trace_says_so(tiny, tmp_path, 
     plain = LLM(tiny, device="cpu").generate([[5, 6, 7]], sp, use_tqdm=False)[0].token_ids
     assert calls == {"linear": 0, "norm": 0}
     llm = LLM(tiny, device="cpu", batch_invariant=True, trace=str(tmp_path / "t.jsonl"))
-    assert llm.generate([[5, 6, 7]], sp, use_tqdm=False)[0].token_ids == plain   # fp32 CPU: same math
+    assert llm.generate([[5, 6, 7]], sp, use_tqdm=False)[0].token_ids == plain   # the same math
     assert tuple(_trace_tokens(tmp_path / "t.jsonl", 0)) == tuple(plain)
     layers = llm.model_config.num_layers
     assert calls["linear"] >= 6 * (4 * layers + 1) and calls["norm"] >= 6 * (2 * layers + 1)

@@ -7,8 +7,8 @@ have one fixed configuration: `matmul` gives each output tile one program that w
 fixed BLOCK_K steps (no split-K), and `rms_norm` gives each row one program that reduces the
 whole row at once. Either way a row is computed by the same instructions in the same order
 whatever M is or where the row sits. Both are registered ops (namespace functional_llm_bi,
-which the piecewise compile does not cut at). On the CPU they fall back to torch, whose fp32
-kernels are already invariant there; the tests run the Triton code under the interpreter.
+which the piecewise compile does not cut at). The mode needs a GPU; on the CPU the ops fall
+back to torch (tests of the plumbing), and the tests run the Triton code under the interpreter.
 """
 from __future__ import annotations
 

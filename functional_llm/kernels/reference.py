@@ -53,11 +53,6 @@ class ReferenceBackend:
     name = "reference"
     fp8_kv = True      # reads and writes the fp8 pool (kernels/base.py)
 
-    def invariant(self) -> "ReferenceBackend":
-        """Itself: on the CPU its fp32 attention already gives a row the same result in any
-        batch (on a GPU its padded groups do not, and batch_invariant refuses it there)."""
-        return self
-
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         """Host side, once per step: returns `batch` with `extra` holding its groups (a tuple
         of _Group: gather indices and masks). Reads cu_q and seq_lens back to the host (a sync

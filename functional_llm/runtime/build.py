@@ -147,9 +147,11 @@ def check_invariant(batch_invariant, backend, device: torch.device, world: int) 
         raise InvalidConfig("batch_invariant", batch_invariant, "must be True or False")
     if not batch_invariant:
         return
-    if not hasattr(backend, "invariant") or (device.type == "cuda" and backend.name != "triton"):
-        raise InvalidConfig("attention_backend", backend.name, "batch_invariant=True needs the "
-                            "triton backend on a GPU (or the reference backend on the CPU)")
+    if device.type != "cuda":   # torch's CPU GEMMs round a row by the row count (tokens agree)
+        raise InvalidConfig("batch_invariant", True, "needs a CUDA device: its kernels are Triton "
+                            "(on the CPU fp32 tokens agree in any batch; logprobs may not, in the last bits)")
+    if not hasattr(backend, "invariant"):
+        raise InvalidConfig("attention_backend", backend.name, "batch_invariant needs the triton backend")
     if world > 2:   # two ranks sum a + b (one rounding, either order); more sum in an order
         raise InvalidConfig("tensor_parallel_size", world, "batch_invariant=True holds for "
                             "1 or 2 ranks: more would sum partials in an order set by the row's place")
