@@ -47,10 +47,15 @@ from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(scope="module", autouse=True)
 def _round_to_e4m3_as_the_gpu_does():
     """The interpreter rounds to e4m3 without the carry into the exponent (a value rounding up
-    to 128 comes out 64): its conversion of fp32/fp16 to e4m3 goes through torch's instead
-    (round to nearest even, as the GPU's cvt.rn). On a GPU the kernels convert natively."""
+    to 128 comes out 64): while this module's tests run, its conversion of fp32/fp16 to e4m3
+    goes through torch's (round to nearest even, as the GPU's cvt.rn). On a GPU the kernels
+    convert natively and nothing is patched."""
+    if DEVICE != "cpu":
+        yield
+        return
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -61,11 +66,9 @@ def _round_to_e4m3_as_the_gpu_does():
             wide = torch.from_numpy(np.ascontiguousarray(x).astype(np.float32))
             return wide.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(x.shape)
         return convert(x, input_dtype, output_dtype, rounding_mode)
-    interpreter._convert_float = fixed
-
-
-if DEVICE == "cpu":
-    _round_to_e4m3_as_the_gpu_does()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(interpreter, "_convert_float", fixed)
+        yield
 SMALL_TILES = dict(decode_block_n=16, prefill_block_m=16, prefill_block_n=16)   # tl.dot minimum
 
 

@@ -133,7 +133,7 @@ def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend,
     kv_cache_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
     if kv_cache_dtype == "fp8" and not getattr(backend, "fp8_kv", False):
         raise InvalidConfig("kv_cache_dtype", "fp8", f"the {backend.name} backend does not "
-                            "support it yet (attention_backend='reference' does)")
+                            "support it yet (attention_backend 'triton' and 'reference' do)")
     check_invariant(batch_invariant, backend, device, tensor_parallel_size)
     return DeviceSpec(str(path), str(dtype).removeprefix("torch."), str(device), backend.name, block_size,
                       num_kv_blocks, max_num_seqs, max_num_batched_tokens or max(8192, block_size),
