@@ -280,7 +280,9 @@ def quiet_collector() -> None:
     (acyclic: reference counting frees them), so with the default threshold (700) the
     collector ran several times per step and its older generations, re-scanning the live
     state's token vectors, cost ~4 ms on some steps at 256 sequences (benchmarks/host_step.py).
-    Process-wide, like gc.freeze itself."""
+    Process-wide, like gc.freeze itself; what an earlier LLM froze is unfrozen first, so a
+    dropped LLM's cycles (its KV pool with them) are collected, not kept for good."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     # ...and return to it at exit: frozen objects are never finalized, and extension types
@@ -316,12 +318,12 @@ def _trace_shell(spec, graphs, seed: int) -> dict:
     """A trace header's shell part: what a replay with the model needs, and what can make the
     same inputs give other tokens (versions, determinism flags)."""
     import platform
-    from importlib.metadata import version
+    import functional_llm
     return {"model": spec.model, "dtype": spec.dtype, "device": spec.device,
             "attention_backend": spec.attention_backend, "enforce_eager": spec.enforce_eager,
             "cuda_graphs": graphs is not None, "seed": seed, "tensor_parallel_size": spec.world,
             "kv_cache_dtype": spec.kv_cache_dtype,
-            "versions": {"functional_llm": version("functional_llm"), "torch": torch.__version__,
+            "versions": {"functional_llm": functional_llm.__version__, "torch": torch.__version__,
                          "python": platform.python_version(), "xxhash": xxhash.VERSION},
             "determinism": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,

@@ -243,3 +243,29 @@ def test_generate_progress_bar_counts_tokens_with_overall_rates(qwen3, capsys):
     assert "\n" not in "".join(draws)                       # one line, redrawn in place
     assert "18/18 tokens" in draws[-1] and "3/3 prompts" in draws[-1]
     assert "prompt " in draws[-1] and "output " in draws[-1] and "tok/s" in draws[-1]
+
+
+
+def test_what_one_llm_froze_the_next_one_collects():
+    """Each LLM freezes the objects alive at its start out of the collector's view
+    (quiet_collector); the next one unfreezes them first, so cycles dropped in between (a
+    compiled, graph-captured LLM holds its KV pool in some) are collected, not kept for the
+    process's life."""
+    import gc
+    import weakref
+    from functional_llm.llm import quiet_collector
+
+    class Node:
+        pass
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    ref = weakref.ref(a)
+    quiet_collector()
+    try:
+        del a, b
+        gc.collect()
+        assert ref() is not None          # frozen: the collector does not see it
+        quiet_collector()                 # the next LLM's start
+        assert ref() is None
+    finally:
+        gc.unfreeze()

@@ -73,6 +73,21 @@ def test_fp8_kv_triton_tokens_equal_reference_fp8(qwen3):
     assert out["triton", "fp8"][1] != out["triton", "auto"][1]
 
 
+
+def test_a_dropped_llm_gives_its_memory_to_the_next(qwen3):
+    """An LLM dropped before the next one starts is collected with its KV pool, though the
+    compiled, graph-captured step holds it in cycles (the next LLM unfreezes what the last
+    one froze): the next sizes its pool from the whole free memory, not what was left."""
+    import weakref
+    first = LLM(str(qwen3), device="cuda", dtype="bfloat16", attention_backend="triton")
+    first.generate(prompts(4), SamplingParams(max_tokens=8), use_tqdm=False)
+    assert first.engine.runner.graphs.graphs
+    pool, blocks = weakref.ref(first.engine.kv), first.engine.kv.shape[2]
+    del first
+    second = LLM(str(qwen3), device="cuda", dtype="bfloat16", attention_backend="triton")
+    assert pool() is None
+    assert second.engine.kv.shape[2] > 0.9 * blocks
+
 def prefill_logits(params, cfg, ids, dtype, mesh=None, backend="reference", compiled=False):
     """Logits of one prompt prefilled on the GPU (cfg: the rank's config under tensor
     parallelism, mesh its place; the logits are gathered whole). compiled: forward + logits
