@@ -58,9 +58,12 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh, st
                  CAUSAL: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
     """One online-softmax step over keys start .. start+BLOCK_N-1 (those < end if MASK_END;
     those <= pos of each row if CAUSAL). Needs at least one visible key per real row in the
-    first tile a row sees (m stays finite), which the callers' loop bounds guarantee."""
-    n = start + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
+    first tile a row sees (m stays finite), which the callers' loop bounds guarantee. An fp8
+    pool with bf16 queries takes its products in fp16 (|q| < 65504): e4m3 widens to fp16 in
+    one instruction, to bf16 in several, and that made the fp8 decode 1.5x slower than bf16's."""
+    if FP8 and q.dtype == tl.bfloat16:
+        q = q.to(tl.float16)
+    n, d = start + tl.arange(0, BLOCK_N), tl.arange(0, D)
     valid = n < end
     page = tl.load(table + n // PAGE, mask=valid, other=0).to(tl.int64)
     rows = page * stride_n + (n % PAGE) * stride_s + kh * stride_h           # [BLOCK_N]
@@ -126,8 +129,7 @@ def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapp
     """Token t: q/k per-head norm (Qwen3) and rope, q into q_out [T, H, D], k and v into the
     pool at slot_mapping[t] (negative: not written). One kernel for what was three. Without
     NORM and ROPE: the plain KV write (q copied)."""
-    t = tl.program_id(0)
-    h = tl.arange(0, BLOCK_H)[:, None]
+    t, h = tl.program_id(0), tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, D)
     partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
     c = tl.load(cos + t * D + d).to(tl.float32)
@@ -168,14 +170,12 @@ def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_
     lo = split * share
     hi = tl.minimum(lo + share, num_keys)
 
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, D)
+    g, d = tl.arange(0, BLOCK_G), tl.arange(0, D)
     heads = kh * G + g
     # a padding row's cu_q is T, one past the last query row: read nothing there
     q_tile = tl.load(q + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
                      mask=tl.where(is_decode, (g < G)[:, None], False), other=0.0)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
+    m, l = tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     table = block_tables + b * stride_bt
     for start in range(lo, hi, BLOCK_N):
@@ -200,8 +200,7 @@ def _combine(out, part_out, part_lse, cu_q, stride_ot, stride_oh, num_splits, H,
     b, h = tl.program_id(0), tl.program_id(1)
     row = tl.load(cu_q + b)
     is_decode = tl.load(cu_q + b + 1) - row == 1
-    s = tl.arange(0, BLOCK_SPLITS)
-    d = tl.arange(0, D)
+    s, d = tl.arange(0, BLOCK_SPLITS), tl.arange(0, D)
     at = (b * H + h) * num_splits + s
     lse = tl.load(part_lse + at, mask=s < num_splits, other=float("-inf"))
     top = tl.max(lse, 0)
@@ -235,8 +234,7 @@ def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, num_seqs, s
     q_len = tl.load(cu_q + b + 1) - q_start
     seq_len = tl.load(seq_lens + b)
     mine = tl.where(q_len > 1, q_len, 0)                   # decode rows belong to _decode
-    r = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
+    r, d = tl.arange(0, BLOCK_M), tl.arange(0, D)
     i = tile * BLOCK_Q + r // G                            # query index within the chunk
     heads = kh * G + r % G
     real = (r < BLOCK_Q * G) & (i < mine)
@@ -249,8 +247,7 @@ def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, num_seqs, s
     # keys below the first row's position are visible to every row: no masks there
     mid = tl.minimum((seq_len - q_len + first + 1) // BLOCK_N * BLOCK_N, hi)
 
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    m, l = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     table = block_tables + b * stride_bt
     for start in range(0, mid, BLOCK_N):
@@ -285,6 +282,7 @@ class Tiles:
     prefill_block_n: int = 0
     decode_warps: int = 4
     decode_stages: int = 3
+    fp_fusion: int = 1      # 0: no a*b+c contracted to one FMA (kernels whose masks differ agree)
 
 
 class TritonBackend:
@@ -318,10 +316,13 @@ class TritonBackend:
 
     def invariant(self) -> "TritonBackend":
         """The batch-invariant configuration (LLM(batch_invariant=True)): no split-KV, and
-        decode and prefill rows in tiles of one shape (16 query rows, 64 keys, 4 warps), so a
-        row's online softmax takes the same steps with the same instructions whether it
-        decodes, sits at any offset of a prefill chunk, or shares its tile with any rows."""
-        return TritonBackend(num_splits=1, decode_block_n=64, prefill_block_m=16, prefill_block_n=64)
+        decode and prefill rows in tiles of one shape (16 query rows, 64 keys, 4 warps), and no
+        FMA contraction (which the compiler applies where no mask sits between a product and a
+        sum, so masked and unmasked tiles would round apart), so a row's online softmax takes
+        the same steps with the same instructions whether it decodes, sits at any offset of a
+        prefill chunk, or shares its tile with any rows."""
+        return TritonBackend(num_splits=1, decode_block_n=64, prefill_block_m=16, prefill_block_n=64,
+                             fp_fusion=0)
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         return batch     # everything is derived on the device, inside the op
@@ -401,18 +402,18 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
                k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), qk_scale, *scale_args)
     wide = q.element_size() <= 2      # 16-bit inputs: twice the keys per tile
     splits = tiles.num_splits or choose_num_splits(B, K, max_seq_len, _num_sms(q.device))
-    block_n = tiles.decode_block_n or min(128, (8192 if wide else 4096) // D)
+    block_n = tiles.decode_block_n or min(128, ((16384 if fp8 else 8192) if wide else 4096) // D)
     assert block_n >= 16, "tl.dot needs tiles of 16 or more"
     if splits == 1:
         part_out = part_lse = out     # unused
     else:
         part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    common = dict(G=G, D=D, PAGE=S, PREC=prec, FP8=fp8, enable_fp_fusion=bool(tiles.fp_fusion))
     _decode[(B, K, splits)](q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens,
-                            block_tables, *strides, splits, H, G=G,
-                            BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=S,
-                            BLOCK_N=block_n, SPLIT=splits > 1, PREC=prec, FP8=fp8,
-                            num_warps=tiles.decode_warps, num_stages=tiles.decode_stages)
+                            block_tables, *strides, splits, H, BLOCK_G=max(16, triton.next_power_of_2(G)),
+                            BLOCK_N=block_n, SPLIT=splits > 1, num_warps=tiles.decode_warps,
+                            num_stages=tiles.decode_stages, **common)
     if splits > 1:
         _combine[(B, H)](out, part_out, part_lse, cu_q, out.stride(0), out.stride(1), splits, H,
                          BLOCK_SPLITS=triton.next_power_of_2(splits), D=D, num_warps=4)
@@ -424,9 +425,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
         # each row with q tokens has ceil(q / block_q) <= q / block_q + 1 tiles
         bound = -(-T // block_q) + min(B, T)
         _prefill[(bound, K)](q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, B,
-                             *strides, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-                             D=D, PAGE=S, PREC=prec, BLOCK_B=triton.next_power_of_2(B), FP8=fp8,
-                             num_warps=8 if block_m >= 128 else 4, num_stages=2)
+                             *strides, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+                             BLOCK_B=triton.next_power_of_2(B), num_warps=8 if block_m >= 128 else 4,
+                             num_stages=2, **common)
     return out
 
 
