@@ -153,6 +153,26 @@ def test_alone_equals_in_a_batch_with_preemption_and_the_traces_agree(real_shape
     assert _trace_tokens(tmp_path / "big.jsonl", 1) == _trace_tokens(tmp_path / "tiny.jsonl", 1)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_ranks_are_batch_invariant_too(real_shapes):
+    """tensor_parallel_size=2: each all-reduce adds two partial sums, one rounding either way."""
+    with LLM(real_shapes, dtype="bfloat16", max_model_len=1024, batch_invariant=True,
+             tensor_parallel_size=2, max_num_batched_tokens=512) as llm:
+        assert _check_batches(llm, sizes=(7, 63)) == 0
+        assert llm.counters["chunked_prefills"] > 0
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_an_fp8_cache_is_batch_invariant_too(real_shapes):
+    """kv_cache_dtype='fp8': each (token, kv head) row is quantized on its own scale."""
+    llm = LLM(real_shapes, device="cuda", dtype="bfloat16", max_model_len=1024, batch_invariant=True,
+              kv_cache_dtype="fp8", max_num_batched_tokens=512)
+    assert _check_batches(llm, sizes=(7, 63)) == 0
+    assert llm.counters["chunked_prefills"] > 0
+
 def _trace_tokens(path, index):
     """The tokens sampled for the index-th arriving request, read from a synchronous trace."""
     records = [json.loads(line) for line in open(path)]
