@@ -75,7 +75,7 @@ class LLM:
             sched = attrs.evolve(sched, eos_token_ids=tuple(cfg.eos_token_ids),
                                  enable_prefix_caching=enable_prefix_caching)
             self.tokenizer = _tokenizer(path)
-            self.model_config, self.seed, self.tensor_parallel_size = cfg, seed, spec.world
+            self.model_config, self.seed, self._spec = cfg, seed, spec
             if async_scheduling is None:
                 async_scheduling = device.type == "cuda"
             writer = None if trace is None else TraceWriter(trace, header_record(
@@ -198,10 +198,12 @@ class LLM:
         ids = self._encode(prompt)
         if params.stop and self.tokenizer is None:
             raise InvalidSamplingParams("stop", params.stop, "stop strings need a tokenizer")
-        if params.prompt_logprobs is not None and self.tensor_parallel_size > 1:
+        if params.prompt_logprobs is not None and self._spec.world > 1:
             # (rank 0 scores prompt rows alone; a vocab-parallel head would need every rank)
             raise InvalidSamplingParams("prompt_logprobs", params.prompt_logprobs,
                                         "not served with tensor_parallel_size > 1")
+        if params.top_p < 1 and self._spec.batch_invariant:   # (its softmax and cumsum: README)
+            raise InvalidSamplingParams("top_p", params.top_p, "batch_invariant=True does not cover top-p yet")
         if request_id is None:   # auto ids skip ids in use, so they never collide with a user's
             while f"req-{self._next_id}" in self._outputs:
                 self._next_id += 1

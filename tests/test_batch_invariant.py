@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from functional_llm import LLM, SamplingParams
-from functional_llm.errors import InvalidConfig
+from functional_llm.errors import InvalidConfig, InvalidSamplingParams
 from functional_llm.runtime.build import check_invariant
 from tests.tiny_models import make_tiny_model
 
@@ -74,6 +74,10 @@ def test_the_model_runs_the_invariant_ops_and_the_trace_says_so(tiny, tmp_path, 
     assert tuple(_trace_tokens(tmp_path / "t.jsonl", 0)) == tuple(plain)
     layers = llm.model_config.num_layers
     assert calls["linear"] >= 6 * (4 * layers + 1) and calls["norm"] >= 6 * (2 * layers + 1)
+    with pytest.raises(InvalidSamplingParams) as e:      # not covered yet: refused, not broken
+        llm.generate([[5, 6, 7], [8, 9]], [sp, SamplingParams(top_p=0.9)], use_tqdm=False)
+    assert e.value.parameter == "top_p" and not llm.has_unfinished_requests()
+    assert llm.generate([[5, 6, 7]], SamplingParams(top_k=5, seed=1), use_tqdm=False)[0].token_ids
     llm.close()
     header = json.loads(open(tmp_path / "t.jsonl").readline())
     assert header["shell"]["determinism"]["batch_invariant"] is True

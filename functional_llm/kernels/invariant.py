@@ -77,8 +77,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     M, E = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
     out = x.new_empty(M, E)
-    _rms_norm[(M,)](x, weight, out, x.stride(0), E, eps, BLOCK=triton.next_power_of_2(E),
-                    num_warps=4)
+    _rms_norm[(M,)](x, weight, out, x.stride(0), E, eps, BLOCK=triton.next_power_of_2(E), num_warps=4)
     return out
 
 
