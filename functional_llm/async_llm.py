@@ -99,7 +99,7 @@ class AsyncLLM(contextlib.AbstractAsyncContextManager):
         without a further output."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         if not self._submit(_Add(stream, prompt, sampling_params, request_id)):
-            raise self._error()
+            raise EngineDead.because(self._dead_reason, self._dead_cause)
         ended = False
         try:
             while not ended:
@@ -142,11 +142,6 @@ class AsyncLLM(contextlib.AbstractAsyncContextManager):
                 return True
         return False
 
-    def _error(self) -> EngineDead:
-        """A fresh error per caller (one shared object would collect every caller's traceback)."""
-        err = EngineDead(self._dead_reason)
-        err.__cause__ = self._dead_cause
-        return err
 
     # -- the loop thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -225,11 +220,11 @@ class AsyncLLM(contextlib.AbstractAsyncContextManager):
             if cause is None:
                 with contextlib.suppress(Exception):
                     self._llm.abort(rid)
-            stream.put(self._error())
+            stream.put(EngineDead.because(self._dead_reason, self._dead_cause))
         self._streams.clear(), self._rid_of.clear(), self._waiting.clear()
         for command in leftover:
             if isinstance(command, _Add):
-                command.stream.put(self._error())
+                command.stream.put(EngineDead.because(self._dead_reason, self._dead_cause))
             elif isinstance(command, _Abort):
                 self._answers.append(command.done)
         with contextlib.suppress(Exception):

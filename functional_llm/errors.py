@@ -45,6 +45,14 @@ class EngineDead(RuntimeError):
     was called); every waiting caller and every later call gets one. Not a ValueError: nothing
     the caller passed was wrong."""
 
+    @classmethod
+    def because(cls, reason: str, cause: BaseException | None) -> "EngineDead":
+        """A fresh error per caller (one shared object would collect every caller's
+        traceback), with the failure that stopped the loop chained."""
+        err = cls(reason)
+        err.__cause__ = cause
+        return err
+
 
 class EngineStalled(FunctionalLLMError):
     """A step that can schedule nothing while requests wait and none runs: the engine would

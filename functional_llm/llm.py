@@ -60,6 +60,7 @@ class LLM:
                      max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                      num_kv_blocks=num_kv_blocks, tensor_parallel_size=tensor_parallel_size)
         device = check_arguments(sizes, device)          # before the model loads
+        quiet_collector()   # first collects what LLMs dropped before this one held (its pool)
         if model is None:
             from functional_llm.model.gguf import ensure_default_model
             model = ensure_default_model()

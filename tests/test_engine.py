@@ -269,3 +269,18 @@ def test_what_one_llm_froze_the_next_one_collects():
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_a_dropped_llm_is_collected_before_the_next_one_sizes_its_pool(qwen3, monkeypatch):
+    """The next LLM collects a dropped one (cycles and all, as a compiled, graph-captured LLM
+    holds its pool) before it builds its runner, so on a GPU that memory counts as free."""
+    import weakref
+    import functional_llm.llm as llm_module
+    first = LLM(str(qwen3), device="cpu")
+    first.cycle = first
+    dropped = weakref.ref(first)
+    del first
+    seen, build = [], llm_module.build_runner
+    monkeypatch.setattr(llm_module, "build_runner", lambda spec: seen.append(dropped() is None) or build(spec))
+    LLM(str(qwen3), device="cpu")
+    assert seen == [True]

@@ -31,8 +31,7 @@ BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64     # fixed: changing them changes the nu
 def _matmul(x, w, bias, out, M, N, K, stride_xm, stride_wn, stride_om, HAS_BIAS: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     rm, rn = tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros([BM, BN], tl.float32)
+    rk, acc = tl.arange(0, BK), tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         a = tl.load(x + rm[:, None].to(tl.int64) * stride_xm + kk[None, :],

@@ -4,7 +4,6 @@ compiled pieces, Runner. Also the checks a tensor-parallel start would fail, mad
 starts anything."""
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 from typing import Optional
@@ -68,8 +67,8 @@ def build_runner(spec: DeviceSpec, mesh=None, device=None, agree=lambda n: n):
                                                       spec.block_size, dtype, fp8)
     num_blocks = spec.num_kv_blocks
     if num_blocks is None:
-        if device.type == "cuda":   # LLMs dropped before this one (frozen by quiet_collector)
-            gc.unfreeze(), gc.collect(), torch.cuda.empty_cache()    # give their memory back
+        if device.type == "cuda":   # what LLMs dropped before this one held (collected by
+            torch.cuda.empty_cache()  # llm.quiet_collector at this one's start) counts as free
         budget = (torch.cuda.mem_get_info(device)[0] * GPU_KV_FRACTION if device.type == "cuda"
                   else CPU_KV_BYTES)
         num_blocks = max(1, int(budget // per_block))

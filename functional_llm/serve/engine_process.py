@@ -128,7 +128,7 @@ class EngineProcess:
             stream.prompt_token_ids = tuple(prompt)
         with self._lock:
             if self._dead_reason is not None:
-                raise self._error()
+                raise EngineDead.because(self._dead_reason, self._dead_cause)
             if rid in self._rids:
                 raise errors.InvalidPrompt("request_id", rid, "is already in use by a live request")
             handle = stream.handle = next(self._handles)
@@ -136,7 +136,7 @@ class EngineProcess:
             self._streams[handle] = stream
         if not self._add(loop, (handle, rid, prompt, sampling_params)):
             self._forget(handle)
-            raise self._error()
+            raise EngineDead.because(self._dead_reason, self._dead_cause)
         ended, queue = False, stream.queue
         try:
             while not ended:
@@ -260,10 +260,6 @@ class EngineProcess:
         except (OSError, ValueError):   # the child is gone: the reader reports why
             return False
 
-    def _error(self) -> EngineDead:
-        err = EngineDead(self._dead_reason)
-        err.__cause__ = self._dead_cause
-        return err
 
     def _close_pipes(self) -> None:
         with self._send_lock:
@@ -346,7 +342,8 @@ class EngineProcess:
             aborts, self._aborts = self._aborts, {}
         per_loop: dict = {}
         for stream in streams.values():
-            per_loop.setdefault(stream.loop, []).append((stream.queue, self._error()))
+            err = EngineDead.because(self._dead_reason, self._dead_cause)
+            per_loop.setdefault(stream.loop, []).append((stream.queue, err))
         for loop, items in per_loop.items():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
