@@ -30,21 +30,7 @@ import time
 from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-class _Out:
-    """What the engine process reads of a RequestOutput."""
-    __slots__ = ("request_id", "prompt_token_ids", "finish_reason", "num_cached_tokens", "delta_text",
-                 "delta_token_ids", "delta_logprobs")
-
-    def __init__(self, rid, prompt, finish):
-        self.request_id, self.prompt_token_ids, self.finish_reason = rid, prompt, finish
-        self.num_cached_tokens, self.delta_text, self.delta_token_ids = 0, " w7", (7,)
-        self.delta_logprobs = None
-
-    @property
-    def finished(self):
-        return self.finish_reason is not None
+from serve import one_token_each  # noqa: E402  (the fake step's outputs)
 
 
 def fake_llm(shared, step_ms, burst, llm):
@@ -69,12 +55,7 @@ def fake_llm(shared, step_ms, burst, llm):
     def step():
         time.sleep(step_ms / 1e3)
         t0 = time.thread_time()
-        outs = []
-        for rid, item in list(live.items()):
-            item[1] -= 1
-            outs.append(_Out(rid, item[0], "length" if item[1] == 0 else None))
-            if item[1] == 0:
-                del live[rid]
+        outs = one_token_each(live)
         shared[0] += time.thread_time() - t0
         shared[1] += 1
         return outs

@@ -304,6 +304,18 @@ class _FakeOutput:
         self.token_ids, self.delta_logprobs, self.finished = (7,), None, finish is not None
 
 
+def one_token_each(live: dict) -> list:
+    """A fake step's outputs: every live request (rid -> [prompt ids, tokens left]) gets one
+    token (" w7", id 7); those whose last token it was leave `live`."""
+    outs = []
+    for rid, item in list(live.items()):
+        item[1] -= 1
+        outs.append(_FakeOutput(rid, item[0], "length" if item[1] == 0 else None))
+        if item[1] == 0:
+            del live[rid]
+    return outs
+
+
 def fake_engine(step_ms, llm):
     """Make `llm` a fake engine whose step holds the GIL for step_ms (host work, as a GPU
     step's Python side does) and gives every live request one token: the HTTP side's cost is
@@ -319,13 +331,7 @@ def fake_engine(step_ms, llm):
         end = time.perf_counter() + step_ms / 1e3
         while time.perf_counter() < end:
             pass
-        outs = []
-        for rid, item in list(live.items()):
-            item[1] -= 1
-            outs.append(_FakeOutput(rid, item[0], "length" if item[1] == 0 else None))
-            if item[1] == 0:
-                del live[rid]
-        return outs
+        return one_token_each(live)
     llm.add_request, llm.abort, llm.step = add_request, live.pop, step
     llm.has_unfinished_requests = lambda: bool(live)
 
