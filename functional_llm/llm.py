@@ -18,6 +18,7 @@ from functional_llm.core.records import Request, SamplingParams
 from functional_llm.core.trace import TraceWriter, header_record
 from functional_llm.errors import InvalidModel, InvalidPrompt, InvalidSamplingParams
 from functional_llm.model.config import load_config
+from functional_llm.model.gguf import ensure_default_model
 from functional_llm.outputs import Emitted, RequestOutput, apply
 from functional_llm.outputs import start as start_output
 from functional_llm.progress import Progress
@@ -61,9 +62,7 @@ class LLM:
                      num_kv_blocks=num_kv_blocks, tensor_parallel_size=tensor_parallel_size)
         device = check_arguments(sizes, device)          # before the model loads
         quiet_collector()   # first collects what LLMs dropped before this one held (its pool)
-        if model is None:
-            from functional_llm.model.gguf import ensure_default_model
-            model = ensure_default_model()
+        model = ensure_default_model() if model is None else model
         path, cfg = Path(model), load_config(Path(model))
         spec, _ = device_spec(path, cfg, device, dtype, attention_backend, enforce_eager,
                               kv_cache_dtype=kv_cache_dtype, batch_invariant=batch_invariant, **sizes)
@@ -77,8 +76,7 @@ class LLM:
                                  enable_prefix_caching=enable_prefix_caching)
             self.tokenizer = _tokenizer(path)
             self.model_config, self.seed, self._spec = cfg, seed, spec
-            if async_scheduling is None:
-                async_scheduling = device.type == "cuda"
+            async_scheduling = device.type == "cuda" if async_scheduling is None else async_scheduling
             writer = None if trace is None else TraceWriter(trace, header_record(
                 sched, _trace_shell(spec, runner.graphs, seed), pipeline=async_scheduling))
             self.engine = Engine(runner, sched, pipeline=async_scheduling, trace=writer)

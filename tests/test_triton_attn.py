@@ -42,7 +42,7 @@ from functional_llm.kernels import get_backend  # noqa: E402
 from functional_llm.kernels.base import AttnBatch, cache_views, new_pool, quantize  # noqa: E402
 from functional_llm.kernels.reference import ReferenceBackend  # noqa: E402
 import functional_llm.kernels.invariant as invariant  # noqa: E402  (re-imported if dropped above)
-from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits, write_kv  # noqa: E402
+from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits, rope_write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -221,7 +221,8 @@ def test_num_splits_heuristic():
 def test_negative_slot_is_not_written():
     _, k, v, k_cache, v_cache, batch = make_case([5, 0], [1, 2], 8, 2, 2, 16, torch.float32)
     before_k, before_v = k_cache.clone(), v_cache.clone()
-    write_kv(k, v, k_cache, v_cache, torch.full_like(batch.slot_mapping, -1))
+    rope_write_kv(k, k, v, k_cache, v_cache, torch.full_like(batch.slot_mapping, -1), None, None, None,
+                  None, 0.0)     # the plain KV write (no norm, no rope)
     torch.testing.assert_close(k_cache, before_k, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, before_v, rtol=0, atol=0, equal_nan=True)
 

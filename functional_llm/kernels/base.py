@@ -13,7 +13,10 @@ argument), uint8 [L, 2, N, S*K*(D+4)]: each block holds its S*K*D float8 e4m3 va
 float32 scale per (token, kv head). `cache_views` gives the two as views [N, S, K, D] and
 [N, S, K]. Why per (token, head): a token's scale is fixed when it is written (no block-wide
 scale to requantize while the block fills) and one outlier token costs only its own precision;
-4 bytes per 128-value row is 3% of the row.
+4 bytes per 128-value row is 3% of the row. Within a block the keys lie [S, K, D] as in the
+bf16 pool, the values [K, D, S] and the scales [K, S]: keys contiguous where attention sums
+over them (the weights times V; kernels/triton_attn.py), so a tile of V or of scales loads in
+16-byte pieces, with no byte gather feeding the tensor cores.
 """
 from __future__ import annotations
 
@@ -51,8 +54,9 @@ def cache_views(kv: torch.Tensor, layer: int, which: int, kv_heads: int, head_di
         return cache, None
     N, K, D = cache.shape[0], kv_heads, head_dim
     S = cache.shape[1] // (K * (D + 4))
-    values = cache[:, :S * K * D].view(FP8).view(N, S, K, D)
-    return values, cache[:, S * K * D:].view(torch.float32).view(N, S, K)
+    values = cache[:, :S * K * D].view(FP8)
+    values = values.view(N, S, K, D) if which == 0 else values.view(N, K, D, S).permute(0, 3, 1, 2)
+    return values, cache[:, S * K * D:].view(torch.float32).view(N, K, S).transpose(1, 2)
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,14 +53,18 @@ PROGRAMS_PER_SM = 4     # decode programs wanted per SM before splitting stops
 
 @_jit
 def _attend_tile(q, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh, start, end, pos,
-                 qk_scale, stride_n, stride_s, stride_h, scale_n, scale_s, PAGE: tl.constexpr,
+                 qk_scale, stride_n, stride_s, stride_h, scale_n, PAGE: tl.constexpr,
                  BLOCK_N: tl.constexpr, D: tl.constexpr, MASK_END: tl.constexpr,
                  CAUSAL: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
     """One online-softmax step over keys start .. start+BLOCK_N-1 (those < end if MASK_END;
     those <= pos of each row if CAUSAL). Needs at least one visible key per real row in the
     first tile a row sees (m stays finite), which the callers' loop bounds guarantee. An fp8
     pool with bf16 queries takes its products in fp16 (|q| < 65504): e4m3 widens to fp16 in
-    one instruction, to bf16 in several, and that made the fp8 decode 1.5x slower than bf16's."""
+    one instruction, to bf16 in several, and that made the fp8 decode 1.5x slower than bf16's.
+    The fp8 pool keeps each page's V [K, D, S] and scales [K, S] (kernels/base.py): the product
+    with the weights runs along the keys, and with the keys contiguous its V tile loads in
+    16-byte pieces and feeds tl.dot without a byte gather; it loads whole pages unmasked, as
+    masks varying along the keys would split those loads into bytes."""
     if FP8 and q.dtype == tl.bfloat16:
         q = q.to(tl.float16)
     n, d = start + tl.arange(0, BLOCK_N), tl.arange(0, D)
@@ -68,11 +72,18 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh, st
     page = tl.load(table + n // PAGE, mask=valid, other=0).to(tl.int64)
     rows = page * stride_n + (n % PAGE) * stride_s + kh * stride_h           # [BLOCK_N]
     k = tl.load(k_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(v_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    if FP8:   # whole pages unmasked (keys past the end zeroed below); the hints: runs of PAGE
+        # keys, contiguous and PAGE-aligned, within one page
+        at = tl.max_contiguous(tl.multiple_of(page * scale_n + kh * PAGE + n % PAGE, PAGE), PAGE)
+        v_at = (page * stride_n + kh * D * PAGE + n % PAGE)[:, None] + d[None, :] * PAGE
+        v = tl.load(v_cache + tl.max_contiguous(tl.multiple_of(v_at, [PAGE, 1]), [PAGE, 1]))
+    else:
+        v = tl.load(v_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale  # [M, BLOCK_N]
-    at = page * scale_n + (n % PAGE) * scale_s + kh                          # fp8 scales
     if FP8:
-        s = s * tl.load(k_scale + at, mask=valid, other=0.0)[None, :]
+        s = s * (tl.load(k_scale + at, mask=valid, other=0.0) if MASK_END else tl.load(k_scale + at))[None, :]
+        if MASK_END:             # (a stale slot past a sequence's end may hold anything)
+            v = tl.where(valid[:, None], v.to(q.dtype), 0.0)
     if MASK_END:
         s = tl.where(valid[None, :], s, float("-inf"))
     if CAUSAL:
@@ -82,23 +93,24 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh, st
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, 1)
     if FP8:
-        p = p * tl.load(v_scale + at, mask=valid, other=0.0)[None, :]
+        p = p * (tl.load(v_scale + at, mask=valid, other=0.0) if MASK_END else tl.load(v_scale + at))[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
     return m_new, l, acc
 
 
 @_jit
-def _store_kv(cache, scales, slot, h, d, x, stride_n, stride_s, stride_h, scale_n, scale_s,
+def _store_kv(cache, scales, slot, h, d, x, stride_n, stride_s, stride_h, stride_d, scale_n,
               K, PAGE: tl.constexpr, FP8: tl.constexpr):
     """Rows x [R, D] of heads h [R] into the cache at `slot` (negative: not written); with FP8
-    each row quantized as kernels.base.quantize does, its float32 scale stored beside."""
+    each row quantized as kernels.base.quantize does, its float32 scale stored in the page's
+    [K, S] scales."""
     # tl.where, not `&`, joins a scalar condition to a block: the interpreter mistypes it
     rmask = tl.where(slot >= 0, h < K, False)
-    dst = (slot // PAGE) * stride_n + (slot % PAGE) * stride_s + h[:, None] * stride_h + d[None, :]
+    dst = (slot // PAGE) * stride_n + (slot % PAGE) * stride_s + h[:, None] * stride_h + d[None, :] * stride_d
     if FP8:
         x = x.to(tl.float32)
         sc = tl.maximum(tl.max(tl.abs(x), 1), 1.1754943508222875e-38) / 448.0
-        tl.store(scales + (slot // PAGE) * scale_n + (slot % PAGE) * scale_s + h, sc, mask=rmask)
+        tl.store(scales + (slot // PAGE) * scale_n + h * PAGE + slot % PAGE, sc, mask=rmask)
         x = x / sc[:, None]
     tl.store(cache + dst, x.to(cache.dtype.element_ty), mask=rmask[:, None])
 
@@ -123,7 +135,7 @@ def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, ROPE: tl.con
 @_jit
 def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
                    q_norm, k_norm, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                   stride_vh, stride_n, stride_s, stride_h, scale_n, scale_s, H, K, eps,
+                   stride_vh, stride_n, stride_s, stride_h, scale_n, H, K, eps,
                    NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
                    D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr):
     """Token t: q/k per-head norm (Qwen3) and rope, q into q_out [T, H, D], k and v into the
@@ -149,16 +161,17 @@ def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapp
     # k rounded to the model dtype first, as the unfused path stores (or quantizes) it
     heads = tl.arange(0, BLOCK_H)
     _store_kv(k_cache, k_scale, slot, heads, d, x.to(q_out.dtype.element_ty), stride_n,
-              stride_s, stride_h, scale_n, scale_s, K, PAGE, FP8)
-    _store_kv(v_cache, v_scale, slot, heads, d,
-              tl.load(v + t * stride_vt + h * stride_vh + d[None, :], mask=km, other=0.0),
-              stride_n, stride_s, stride_h, scale_n, scale_s, K, PAGE, FP8)
+              stride_s, stride_h, 1, scale_n, K, PAGE, FP8)
+    _store_kv(v_cache, v_scale, slot, heads, d,      # the fp8 pool's V: [K, D, S] in each page
+              tl.load(v + t * stride_vt + h * stride_vh + d[None, :], mask=km, other=0.0), stride_n,
+              1 if FP8 else stride_s, D * PAGE if FP8 else stride_h, PAGE if FP8 else 1, scale_n, K,
+              PAGE, FP8)
 
 
 @_jit
 def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_tables,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_n, stride_s, stride_h, stride_bt,
-            qk_scale, k_scale, v_scale, scale_n, scale_s, num_splits, H, G: tl.constexpr,
+            qk_scale, k_scale, v_scale, scale_n, num_splits, H, G: tl.constexpr,
             BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
             SPLIT: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
     b, kh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -178,10 +191,16 @@ def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_
     m, l = tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     table = block_tables + b * stride_bt
-    for start in range(lo, hi, BLOCK_N):
+    # fp8: whole tiles unmasked (see _attend_tile), then the rest; bf16 is faster all masked
+    full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N if FP8 else lo
+    for start in range(lo, full, BLOCK_N):
         m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh,
                                  start, hi, g, qk_scale, stride_n, stride_s, stride_h, scale_n,
-                                 scale_s, PAGE, BLOCK_N, D, True, False, PREC, FP8)
+                                 PAGE, BLOCK_N, D, False, False, PREC, FP8)
+    for start in range(full, hi, BLOCK_N):
+        m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh,
+                                 start, hi, g, qk_scale, stride_n, stride_s, stride_h, scale_n,
+                                 PAGE, BLOCK_N, D, True, False, PREC, FP8)
     nonempty = l > 0
     safe_l = tl.where(nonempty, l, 1.0)
     res = acc / safe_l[:, None]                          # an empty split contributes zeros
@@ -215,7 +234,7 @@ def _combine(out, part_out, part_lse, cu_q, stride_ot, stride_oh, num_splits, H,
 @_jit
 def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, num_seqs, stride_qt,
              stride_qh, stride_ot, stride_oh, stride_n, stride_s, stride_h, stride_bt, qk_scale,
-             k_scale, v_scale, scale_n, scale_s, G: tl.constexpr, BLOCK_M: tl.constexpr,
+             k_scale, v_scale, scale_n, G: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
              PREC: tl.constexpr, BLOCK_B: tl.constexpr, FP8: tl.constexpr):
     # BLOCK_Q = BLOCK_M // G query tokens per tile; rows past BLOCK_Q * G are padding.
@@ -253,11 +272,11 @@ def _prefill(q, k_cache, v_cache, out, cu_q, seq_lens, block_tables, num_seqs, s
     for start in range(0, mid, BLOCK_N):
         m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh,
                                  start, hi, pos, qk_scale, stride_n, stride_s, stride_h, scale_n,
-                                 scale_s, PAGE, BLOCK_N, D, False, False, PREC, FP8)
+                                 PAGE, BLOCK_N, D, False, False, PREC, FP8)
     for start in range(mid, hi, BLOCK_N):
         m, l, acc = _attend_tile(q_tile, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh,
                                  start, hi, pos, qk_scale, stride_n, stride_s, stride_h, scale_n,
-                                 scale_s, PAGE, BLOCK_N, D, True, True, PREC, FP8)
+                                 PAGE, BLOCK_N, D, True, True, PREC, FP8)
     res = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out + (q_start + i)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              res.to(out.dtype.element_ty), mask=real[:, None])
@@ -362,13 +381,14 @@ def _(q, k, v, kv, layer, slot_mapping, cu_q, seq_lens, block_tables, max_seq_le
 
 
 def _scale_args(scales: tuple, cache: torch.Tensor) -> tuple:
-    """(k_scale, v_scale, their block and row strides) for the kernels, and whether the pool
-    is fp8; without scales the cache stands in for the unused pointers."""
+    """(k_scale, v_scale, their block stride) for the kernels, and whether the pool is fp8;
+    without scales the cache stands in for the unused pointers. The kernels take the fp8 pool's
+    layout within a page as kernels.base.cache_views lays it out (scales [K, S])."""
     k_scale, v_scale = scales
     if k_scale is None:
-        return (cache, cache, 0, 0), False
-    assert k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1
-    return (k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)), True
+        return (cache, cache, 0), False
+    assert k_scale.stride() == v_scale.stride() and k_scale.stride()[1:] == (1, cache.shape[1])
+    return (k_scale, v_scale, k_scale.stride(0)), True
 
 
 @functools.lru_cache(maxsize=None)
@@ -391,13 +411,13 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
     assert H == K * G and 1 <= G <= 16, (H, K)
     assert D >= 16 and D & (D - 1) == 0, f"head_dim {D} must be a power of two >= 16"
     assert S & (S - 1) == 0, f"block size {S} must be a power of two"
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     q = q if q.stride(2) == 1 else q.contiguous()
     out = q.new_empty(T, H, D)
     # fp32 inputs: exact fp32 products (the GPU default is TF32); 16-bit: the default
     prec = "ieee" if q.dtype == torch.float32 else None
     qk_scale = scale * math.log2(math.e)
-    scale_args, fp8 = _scale_args(scales, k_cache)
+    scale_args, fp8 = _scale_args(scales, k_cache)     # an fp8 pool's V is [K, D, S] in a page:
+    assert k_cache.stride(3) == 1 and v_cache.stride()[1:] == ((1, S * D, S) if fp8 else k_cache.stride()[1:])
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
                k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), qk_scale, *scale_args)
     wide = q.element_size() <= 2      # 16-bit inputs: twice the keys per tile
@@ -410,10 +430,13 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
         part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     common = dict(G=G, D=D, PAGE=S, PREC=prec, FP8=fp8, enable_fp_fusion=bool(tiles.fp_fusion))
+    # fp8: capped registers let 3 programs share an SM (on an H200 186 against 218 us,
+    # benchmarks/RESULTS.md); bf16 is faster uncapped. The interpreter takes no cap.
+    regs = dict(maxnreg=168) if fp8 and q.is_cuda else {}
     _decode[(B, K, splits)](q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens,
                             block_tables, *strides, splits, H, BLOCK_G=max(16, triton.next_power_of_2(G)),
                             BLOCK_N=block_n, SPLIT=splits > 1, num_warps=tiles.decode_warps,
-                            num_stages=tiles.decode_stages, **common)
+                            num_stages=tiles.decode_stages, **common, **regs)
     if splits > 1:
         _combine[(B, H)](out, part_out, part_lse, cu_q, out.stride(0), out.stride(1), splits, H,
                          BLOCK_SPLITS=triton.next_power_of_2(splits), D=D, num_warps=4)
@@ -431,13 +454,6 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
     return out
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, scales: tuple = (None, None)) -> None:
-    """k/v [T, K, D] into k_cache/v_cache [N, S, K, D] at slot_mapping [T] (flat slots;
-    negative = skip), quantized when `scales` are given (see attend). Mutates the caches only."""
-    rope_write_kv(k, k, v, k_cache, v_cache, slot_mapping, None, None, None, None, 0.0, scales)
-
-
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
@@ -450,9 +466,9 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     rope, norm, q_out = cos is not None, q_norm is not None, q.new_empty(T, H, D)
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1
     assert not rope or cos.is_contiguous() and sin.is_contiguous()
-    (k_scale, v_scale, scale_n, scale_s), fp8 = _scale_args(scales, k_cache)
+    (k_scale, v_scale, scale_n), fp8 = _scale_args(scales, k_cache)
     cos, sin = (cos, sin) if rope else (q, q)       # unread without ROPE
-    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], scale_n, scale_s)
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], scale_n)
     _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
                          q_norm if norm else cos, k_norm if norm else cos, *strides, H, K, eps,
                          NORM=norm, ROPE=rope, BLOCK_H=triton.next_power_of_2(max(H, K)), D=D,

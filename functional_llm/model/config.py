@@ -102,21 +102,13 @@ def load_config(path) -> ModelConfig:
 
     num_heads, hidden = int(need("num_attention_heads")), int(need("hidden_size"))
     return ModelConfig(
-        arch=model_type,
-        vocab_size=int(need("vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
-        num_heads=num_heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-        head_dim=int(raw.get("head_dim") or hidden // num_heads),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(raw, folder),
+        arch=model_type, vocab_size=int(need("vocab_size")), hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")), num_layers=int(need("num_hidden_layers")),
+        num_heads=num_heads, num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+        head_dim=int(raw.get("head_dim") or hidden // num_heads), rope_theta=_rope_theta(raw, folder),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), qk_norm=model_type == "qwen3",
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=True if model_type == "qwen2" else bool(raw.get("attention_bias", False)),
-        qk_norm=model_type == "qwen3",
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-        eos_token_ids=_ids(merged.get("eos_token_id")),
-        bos_token_id=None if bos is None else int(bos),
-        torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
-    )
+        eos_token_ids=_ids(merged.get("eos_token_id")), bos_token_id=None if bos is None else int(bos),
+        torch_dtype=raw.get("torch_dtype") or raw.get("dtype"))

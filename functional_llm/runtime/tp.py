@@ -119,8 +119,7 @@ class _Workers:
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the workers (a "stop" message, then terminate whatever has not exited within
         JOIN_TIMEOUT_S) and release the groups. Idempotent."""
-        if self.failure is None:
-            self.failure = "the tensor-parallel workers were shut down (LLM.close())"
+        self.failure = self.failure or "the tensor-parallel workers were shut down (LLM.close())"
         self.release_graphs()
         if graceful and self.groups is not None:
             with contextlib.suppress(Exception):   # a broken group: destroyed below, after the join
