@@ -296,12 +296,21 @@ def tp2_runs(folders, tmp_path_factory):
                                                                  folders.items()}, str(out)),
                              nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1.0):     # raises if a rank failed (and stops the other)
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-                proc.join(5)
-            pytest.fail("TP=2 workers did not finish within 120 s")
+    try:
+        while not ctx.join(timeout=1.0):     # raises if a rank failed (and stops the other)
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                    proc.join(5)
+                pytest.fail("TP=2 workers did not finish within 120 s")
+    except mp.ProcessExitedException as e:
+        # now and then gloo's teardown (destroy_process_group) aborts a rank after it saved
+        # every result ("terminate called without an active exception"): those results stand;
+        # a rank that died before saving them fails the test
+        if e.signal_name != "SIGABRT" or not all((out / f"{a}-{r}.pt").is_file() for a in ARCHS
+                                                 for r in range(2)):
+            raise
+        print(f"TP=2 worker {e.error_index} died by a signal after saving its results: {e}")
     return {(arch, rank): torch.load(out / f"{arch}-{rank}.pt") for arch in ARCHS
             for rank in range(2)}
 
