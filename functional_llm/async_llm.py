@@ -142,7 +142,6 @@ class AsyncLLM(contextlib.AbstractAsyncContextManager):
                 return True
         return False
 
-
     # -- the loop thread ------------------------------------------------------------------------
     def _loop(self) -> None:
         llm = self._llm

@@ -135,7 +135,7 @@ def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, ROPE: tl.con
 @_jit
 def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
                    q_norm, k_norm, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                   stride_vh, stride_n, stride_s, stride_h, scale_n, H, K, eps,
+                   stride_vh, stride_n, stride_s, stride_h, cache_vs, cache_vh, cache_vd, scale_n, H, K, eps,
                    NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
                    D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr):
     """Token t: q/k per-head norm (Qwen3) and rope, q into q_out [T, H, D], k and v into the
@@ -162,10 +162,9 @@ def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapp
     heads = tl.arange(0, BLOCK_H)
     _store_kv(k_cache, k_scale, slot, heads, d, x.to(q_out.dtype.element_ty), stride_n,
               stride_s, stride_h, 1, scale_n, K, PAGE, FP8)
-    _store_kv(v_cache, v_scale, slot, heads, d,      # the fp8 pool's V: [K, D, S] in each page
+    _store_kv(v_cache, v_scale, slot, heads, d,      # V at its own strides (fp8: [K, D, S] a page)
               tl.load(v + t * stride_vt + h * stride_vh + d[None, :], mask=km, other=0.0), stride_n,
-              1 if FP8 else stride_s, D * PAGE if FP8 else stride_h, PAGE if FP8 else 1, scale_n, K,
-              PAGE, FP8)
+              cache_vs, cache_vh, cache_vd, scale_n, K, PAGE, FP8)
 
 
 @_jit
@@ -468,7 +467,8 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     assert not rope or cos.is_contiguous() and sin.is_contiguous()
     (k_scale, v_scale, scale_n), fp8 = _scale_args(scales, k_cache)
     cos, sin = (cos, sin) if rope else (q, q)       # unread without ROPE
-    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3], scale_n)
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3],
+               *v_cache.stride()[1:], scale_n)
     _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
                          q_norm if norm else cos, k_norm if norm else cos, *strides, H, K, eps,
                          NORM=norm, ROPE=rope, BLOCK_H=triton.next_power_of_2(max(H, K)), D=D,

@@ -260,7 +260,6 @@ class EngineProcess:
         except (OSError, ValueError):   # the child is gone: the reader reports why
             return False
 
-
     def _close_pipes(self) -> None:
         with self._send_lock:
             self._commands.close()
