@@ -12,7 +12,8 @@ bytes / time). The reference backend's forward is timed too. --sweep adds one li
 tile config (keys per tile, warps, pipeline stages, splits) for tuning. --kv-cache-dtype fp8:
 the pool quantized (kernels/base.py); bytes read = 1 per element + a 4-byte scale per (token,
 kv head) row, and `bf16eq` is the bf16 pool's bytes over the same time (the speed-up as
-bandwidth).
+bandwidth). rel_err_vs_fp32: |out - exact| / |exact| (L2), exact = fp32 attention over the
+unquantized cache.
 
     python benchmarks/attn_kernel.py [--block-size 16|128] [--num-seqs 256] [--context 850]
                                      [--sweep] [--no-reference] [--kv-cache-dtype auto|fp8]
@@ -143,6 +144,7 @@ def main():
         return prefill(args, copy_bw)
     q, k, v, pool, batch = make_batch(args.num_seqs, args.context, args.block_size)
     fp8 = args.kv_cache_dtype == "fp8"
+    exact_pool = pool.float()         # fp32 attention over the unquantized cache: the error's yardstick
     if fp8:
         pool = to_fp8(pool)
     (k_cache, k_scale), (v_cache, v_scale) = (cache_views(pool, 0, i, K, D) for i in (0, 1))
@@ -194,6 +196,9 @@ def main():
                      max(10, args.iters // 10))
         parts += [line("reference_forward_eager", us),
                   f"max_abs_diff_vs_reference={(ours.float() - ref.float()).abs().max().item():.2e}"]
+    exact_ref = ReferenceBackend()
+    exact = exact_ref.forward(q.float(), k.float(), v.float(), exact_pool, 0, exact_ref.prepare(batch), scale)
+    parts.append(f"rel_err_vs_fp32={((ours.float() - exact).norm() / exact.norm()).item():.2e}")
     print("summary " + head + " " + " ".join(parts), flush=True)
 
 
