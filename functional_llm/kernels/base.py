@@ -16,7 +16,10 @@ scale to requantize while the block fills) and one outlier token costs only its 
 4 bytes per 128-value row is 3% of the row. Within a block the keys lie [S, K, D] as in the
 bf16 pool, the values [K, D, S] and the scales [K, S]: keys contiguous where attention sums
 over them (the weights times V; kernels/triton_attn.py), so a tile of V or of scales loads in
-16-byte pieces, with no byte gather feeding the tensor cores.
+16-byte pieces, with no byte gather feeding the tensor cores. A (kv head, dim) row of V is then
+S bytes: below 32 it is part of a 32-byte memory sector and every sector is fetched twice, so
+the triton backend's fp8 pool defaults to 64-token blocks (runtime/build.py; RESULTS.md has the
+measurements).
 """
 from __future__ import annotations
 
