@@ -1,4 +1,5 @@
-"""Where a run spends its time, on the GPU: python benchmarks/profile_step.py [backend]
+"""Where a run spends its time, on the GPU:
+    python benchmarks/profile_step.py [backend [kv_cache_dtype]]
 
 1. Host phases (cProfile) and device time per kernel class (torch.profiler; kernels inside
    graph replays included) for 256 requests of 64 tokens each (the headline's prompts).
@@ -46,8 +47,9 @@ def profiled(llm, prompts, params):
 
 
 backend = sys.argv[1] if len(sys.argv) > 1 else None
+kv_cache_dtype = sys.argv[2] if len(sys.argv) > 2 else "auto"
 folder = random_model(tempfile.mkdtemp())
-llm = LLM(folder, attention_backend=backend, max_model_len=4096)
+llm = LLM(folder, attention_backend=backend, max_model_len=4096, kv_cache_dtype=kv_cache_dtype)
 layers = llm.engine.runner.model.cfg.num_layers
 prompts, outs = workload(256)
 params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=64) for _ in outs]
