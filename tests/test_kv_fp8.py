@@ -2,8 +2,8 @@
 holds float8 e4m3 values with a scale per (token, kv head); they change the logits (a cache
 that never quantizes fails), a little; prefix-cache hits and recompute preemption give the
 same tokens as a run without either; the pool holds more blocks in the same memory; the trace
-records the cache dtype; a backend without fp8 support refuses it before anything loads.
-the triton backend gives an fp8 pool 64-token blocks by default.
+records the cache dtype; a backend without fp8 support refuses it before anything loads; the
+triton backend gives an fp8 pool 64-token blocks by default.
 (Accuracy on real weights: benchmarks/kv_fp8_accuracy.py.)"""
 from __future__ import annotations
 
