@@ -18,8 +18,8 @@ bf16 pool, the values [K, D, S] and the scales [K, S]: keys contiguous where att
 over them (the weights times V; kernels/triton_attn.py), so a tile of V or of scales loads in
 16-byte pieces, with no byte gather feeding the tensor cores. A (kv head, dim) row of V is then
 S bytes: below 32 it is part of a 32-byte memory sector and every sector is fetched twice, so
-the triton backend's fp8 pool defaults to 64-token blocks (runtime/build.py; RESULTS.md has the
-measurements).
+the triton backend's fp8 pool defaults to 64-token blocks (TritonBackend.block_sizes; RESULTS.md
+has the measurements).
 """
 from __future__ import annotations
 
@@ -88,6 +88,9 @@ class AttnBatch:
 
 
 class AttentionBackend(Protocol):
+    """Optional attributes, read with getattr: capturable, compilable, fuses_rope (forward's
+    docstring), fp8_kv (serves kv_cache_dtype="fp8"), block_sizes (the default block size for
+    a bf16/fp32 pool and for an fp8 pool; 16 without it)."""
     name: str
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:

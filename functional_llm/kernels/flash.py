@@ -36,6 +36,9 @@ class FlashBackend:
         # capturable: flash-attn 4's forward reads only AttnBatch tensors (no host sync, fixed
         # launch shapes); 2.x needs cu_seqlens_k built in prepare
         self.capturable = self.generation == 4
+        # default block sizes (any pool): 4's fast paged path reads whole 128-token pages; 2's
+        # paged path needs multiples of 256 (check)
+        self.block_sizes = (128, 128) if self.generation == 4 else (256, 256)
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         if self.generation == 4:

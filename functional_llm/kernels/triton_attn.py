@@ -311,6 +311,9 @@ class TritonBackend:
     compilable = True   # forward is one registered op: torch.compile sees a single node
     fuses_rope = True   # forward takes q/k before their norm and rope (its `rope` argument)
     fp8_kv = True       # reads and writes the fp8 pool (kernels/base.py)
+    # default block sizes (bf16/fp32 pool, fp8 pool): an fp8 page's V rows are block_size bytes
+    # and fill whole 32-byte sectors only from 32 keys on (kernels/base.py, RESULTS.md)
+    block_sizes = (16, 64)
 
     def __init__(self, **tiles: int | None):
         if triton is None:
@@ -423,9 +426,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
     splits = tiles.num_splits or choose_num_splits(B, K, max_seq_len, _num_sms(q.device))
     block_n = tiles.decode_block_n or min(128, ((16384 if fp8 else 8192) if wide else 4096) // D)
     assert block_n >= 16, "tl.dot needs tiles of 16 or more"
-    if splits == 1:
-        part_out = part_lse = out     # unused
-    else:
+    part_out = part_lse = out         # the splits' partials: unused with one split
+    if splits > 1:
         part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     common = dict(G=G, D=D, PAGE=S, PREC=prec, FP8=fp8, enable_fp_fusion=bool(tiles.fp_fusion))

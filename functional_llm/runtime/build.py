@@ -129,11 +129,9 @@ def device_spec(path: Path, cfg, device: torch.device, dtype, attention_backend,
     if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
         raise InvalidConfig("kv_cache_dtype", kv_cache_dtype, f"expected one of {sorted(KV_CACHE_DTYPES)}")
     kv_cache_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
-    # 16: fine-grained prefix reuse and little tail waste; but flash-attn 4's fast paged path
-    # reads whole 128-token pages, and the triton kernels read an fp8 pool's values in runs of
-    # block_size bytes, whole 32-byte sectors from 32 on (benchmarks/RESULTS.md)
-    fp8_triton = kv_cache_dtype == "fp8" and backend.name == "triton"
-    block_size = block_size or (128 if backend.name == "flash" else 64 if fp8_triton else 16)
+    # the backend's default for the pool's dtype (its block_sizes), else 16: fine-grained
+    # prefix reuse and little tail waste
+    block_size = block_size or getattr(backend, "block_sizes", (16, 16))[kv_cache_dtype == "fp8"]
     backend.check(block_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     if kv_cache_dtype == "fp8" and not getattr(backend, "fp8_kv", False):
         raise InvalidConfig("kv_cache_dtype", "fp8", f"the {backend.name} backend does not "
