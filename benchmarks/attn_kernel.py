@@ -15,7 +15,7 @@ kv head) row, and `bf16eq` is the bf16 pool's bytes over the same time (the spee
 bandwidth). rel_err_vs_fp32: |out - exact| / |exact| (L2), exact = fp32 attention over the
 unquantized cache.
 
-    python benchmarks/attn_kernel.py [--block-size 16|128] [--num-seqs 256] [--context 850]
+    python benchmarks/attn_kernel.py [--block-size 16|128] [--num-seqs 256] [--context 850] [--ragged]
                                      [--sweep] [--no-reference] [--kv-cache-dtype auto|fp8]
     python benchmarks/attn_kernel.py --prefill [--prefill-tokens 8192] [--num-seqs 8]
 Prints a few `key=value` lines; the last is the summary.
@@ -61,21 +61,24 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (us * 1e-6)
 
 
-def make_batch(num_seqs: int, context: int, S: int):
+def make_batch(num_seqs: int, context: int, S: int, ragged: bool = False):
     """Inputs of one decode step: every sequence holds `context` keys after it (the new
-    token's K/V included), on randomly ordered pages."""
+    token's K/V included; ragged: a uniform draw from 100 .. 2 x context - 100 each, mean
+    `context`, as the headline's sequences differ), on randomly ordered pages."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    pages = math.ceil(context / S)
+    lens = (torch.randint(100, 2 * context - 99, (num_seqs,), device="cuda", generator=g)
+            if ragged else torch.full((num_seqs,), context, device="cuda"))
+    longest = int(lens.max())
+    pages = math.ceil(longest / S)
     N = num_seqs * pages + 1
     kv = torch.randn(2, N, S, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
     tables = torch.randperm(N, device="cuda", generator=g)[:num_seqs * pages].view(num_seqs, pages)
     tables = tables.to(torch.int32)
-    last = context - 1
-    slots = tables[:, last // S].long() * S + last % S
+    last = lens - 1
+    slots = tables.gather(1, (last // S)[:, None])[:, 0].long() * S + last % S
     cu_q = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda")
-    batch = AttnBatch(slot_mapping=slots, cu_q=cu_q,
-                      seq_lens=torch.full((num_seqs,), context, dtype=torch.int32, device="cuda"),
-                      block_tables=tables, max_q=1, max_seq_len=context)
+    batch = AttnBatch(slot_mapping=slots, cu_q=cu_q, seq_lens=lens.to(torch.int32),
+                      block_tables=tables, max_q=1, max_seq_len=longest)
     q = torch.randn(num_seqs, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(num_seqs, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(num_seqs, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -130,6 +133,8 @@ def main():
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--context", type=int, default=850)
+    ap.add_argument("--splits", type=int, default=0, help="decode splits (0: the heuristic's)")
+    ap.add_argument("--ragged", action="store_true", help="contexts drawn from 100 .. 2 x context - 100")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
@@ -142,18 +147,19 @@ def main():
     torch.cuda.empty_cache()          # give the copy's 4 GiB back before the pool is made
     if args.prefill:
         return prefill(args, copy_bw)
-    q, k, v, pool, batch = make_batch(args.num_seqs, args.context, args.block_size)
+    q, k, v, pool, batch = make_batch(args.num_seqs, args.context, args.block_size, args.ragged)
+    keys = int(batch.seq_lens.sum())
     fp8 = args.kv_cache_dtype == "fp8"
     exact_pool = pool.float()         # fp32 attention over the unquantized cache: the error's yardstick
     if fp8:
         pool = to_fp8(pool)
     (k_cache, k_scale), (v_cache, v_scale) = (cache_views(pool, 0, i, K, D) for i in (0, 1))
-    bf16_bytes = args.num_seqs * args.context * K * D * 2 * 2
-    kv_bytes = args.num_seqs * args.context * K * (D + 4) * 2 if fp8 else bf16_bytes
+    bf16_bytes = keys * K * D * 2 * 2
+    kv_bytes = keys * K * (D + 4) * 2 if fp8 else bf16_bytes
     scale = D ** -0.5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     head = (f"device={torch.cuda.get_device_name(0)!r} seqs={args.num_seqs} context={args.context} "
-            f"block_size={args.block_size} kv_cache_dtype={args.kv_cache_dtype} "
+            f"ragged={args.ragged} block_size={args.block_size} kv_cache_dtype={args.kv_cache_dtype} "
             f"kv_read_MB={kv_bytes / 1e6:.1f} "
             f"copy_TBps={copy_bw / 1e12:.3f}")
     print(head, flush=True)
@@ -163,9 +169,9 @@ def main():
         eq = f" {100 * bf16_bytes / (us * 1e-6) / copy_bw:.1f}%copy_bf16eq" if fp8 else ""
         return f"{label}={us:.1f}us {bw / 1e12:.3f}TB/s {100 * bw / copy_bw:.1f}%copy" + eq
 
-    def attend_fn(backend):
+    def attend_fn(backend, order=None):
         return lambda: attend(q, k_cache, v_cache, batch.cu_q, batch.seq_lens, batch.block_tables,
-                              batch.max_seq_len, scale, backend.tiles, (k_scale, v_scale))
+                              batch.max_seq_len, scale, backend.tiles, (k_scale, v_scale), order)
 
     if args.sweep:
         for block_n in (32, 64, 128):
@@ -181,11 +187,13 @@ def main():
                         print(f"sweep block_n={block_n} warps={warps} stages={stages} "
                               f"splits={splits} failed: {type(e).__name__}: {str(e)[:80]}")
 
-    backend = TritonBackend()
-    forward = lambda: backend.forward(q, k, v, pool, 0, batch, scale)  # noqa: E731
+    backend = TritonBackend(num_splits=args.splits)
+    prepared = backend.prepare(batch)      # (the longest-first order of the decode programs)
+    forward = lambda: backend.forward(q, k, v, pool, 0, prepared, scale)  # noqa: E731
     ours = forward()
-    parts = [f"splits={choose_num_splits(args.num_seqs, K, args.context, sms)}",
-             line("attend_graph", time_us(attend_fn(backend), args.iters, graph=True)),
+    parts = [f"splits={args.splits or choose_num_splits(args.num_seqs, K, batch.max_seq_len, sms)}",
+             line("attend_graph", time_us(attend_fn(backend, prepared.extra), args.iters, graph=True)),
+             line("attend_graph_unordered", time_us(attend_fn(backend), args.iters, graph=True)),
              line("attend_eager", time_us(attend_fn(backend), args.iters)),
              line("forward_graph", time_us(forward, args.iters, graph=True))]
     if not args.no_reference:

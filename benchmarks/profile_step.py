@@ -1,8 +1,9 @@
 """Where a run spends its time, on the GPU:
-    python benchmarks/profile_step.py [backend [kv_cache_dtype]]
+    python benchmarks/profile_step.py [backend [kv_cache_dtype [headline]]]
 
 1. Host phases (cProfile) and device time per kernel class (torch.profiler; kernels inside
-   graph replays included) for 256 requests of 64 tokens each (the headline's prompts).
+   graph replays included) for 256 requests of 64 tokens each (the headline's prompts); with
+   `headline`, the headline workload itself (each request's own max_tokens), and then only this.
 2. Kernels per layer of a batch-1 decode step: one request decoding 16 and then 80 tokens;
    the extra kernels / 64 steps / layers."""
 import cProfile
@@ -52,7 +53,8 @@ folder = random_model(tempfile.mkdtemp())
 llm = LLM(folder, attention_backend=backend, max_model_len=4096, kv_cache_dtype=kv_cache_dtype)
 layers = llm.engine.runner.model.cfg.num_layers
 prompts, outs = workload(256)
-params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=64) for _ in outs]
+headline = sys.argv[3:4] == ["headline"]
+params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n if headline else 64) for n in outs]
 llm.generate([[20000 + t for t in p] for p in prompts], params, use_tqdm=False)  # warm-up
 prof = cProfile.Profile()
 prof.enable()
@@ -64,8 +66,10 @@ print(f"device time {total / 1e3:.1f} ms in {sum(c for _, c, _ in rows)} kernels
 for cls, (calls, us) in sorted(by_class(rows).items(), key=lambda kv: -kv[1][1]):
     print(f"  {cls:48s} {us / 1e3:9.1f} ms {100 * us / total:5.1f}%  {calls} calls")
 print("top kernels:")
-for name, count, us in sorted(rows, key=lambda r: -r[2])[:16]:
-    print(f"  {us / 1e3:9.1f} ms {count:7d}  {name[:110]}")
+for name, count, us in sorted(rows, key=lambda r: -r[2])[:24 if headline else 16]:
+    print(f"  {us / 1e3:9.1f} ms {count:7d}  {us / count:8.1f} us  {name[:100]}")
+if headline:
+    sys.exit()
 
 one = [[7 + i for i in range(32)]]
 short, long_ = (profiled(llm, one, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n)])

@@ -107,9 +107,10 @@ class AttentionBackend(Protocol):
         passed whole so a compiled step mutates a graph input, not a view of one), then attends
         each query causally over its sequence's cached prefix plus the new tokens. A backend
         with `compilable = True` does both inside one registered op that torch.compile keeps
-        as one node; its `prepare` is then the identity. A backend with `fuses_rope = True`
-        also takes `rope=(cos, sin, q_norm, k_norm, eps)` and q/k as projected, and applies
-        model.llama.qk_norm_rope's per-head norm and rotation itself, before the KV write."""
+        as one node; its `prepare` then only adds device tensors to `extra`. A backend with
+        `fuses_rope = True` also takes `rope=(cos, sin, q_norm, k_norm, eps)` and q/k as
+        projected, and applies model.llama.qk_norm_rope's per-head norm and rotation itself,
+        before the KV write."""
 
 
 _REGISTRY: dict[str, str] = {

@@ -7,7 +7,8 @@ With an fp8 pool (kernels/base.py) the writes quantize each (token, kv head) row
 scale, and the attention kernels load the e4m3 values and multiply the scales into the
 products (a key's scale into its column of scores, a value's into its column of weights):
 nothing dequantizes the pool into a copy.
-* `_decode`: rows with query length 1. One program per (sequence, kv head, split) loads each
+* `_decode`: rows with query length 1. One program per (sequence, kv head, split), started
+  longest sequence first (prepare's order: the short ones then fill the last wave), loads each
   K/V tile once for all G query heads of that kv head (a [G, D] query tile, padded to 16 rows
   for tl.dot). With split-KV each split covers a disjoint key range of its sequence and writes
   a normalised partial output plus its log-sum-exp; `_combine` merges the splits.
@@ -116,8 +117,7 @@ def _store_kv(cache, scales, slot, h, d, x, stride_n, stride_s, stride_h, stride
 
 
 @_jit
-def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, ROPE: tl.constexpr,
-               D: tl.constexpr):
+def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, ROPE: tl.constexpr, D: tl.constexpr):
     """Rows x [R, D] (and xp, the same rows at the partner columns) -> per-row RMSNorm with
     weight w (if NORM; rounded to the input dtype before the weight, as model.llama.rms_norm),
     then (if ROPE) rotated: x * cos + rotate_half(x) * sin, the sign folded into s. fp32 out."""
@@ -168,12 +168,15 @@ def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapp
 
 
 @_jit
-def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_tables,
+def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_tables, order,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_n, stride_s, stride_h, stride_bt,
             qk_scale, k_scale, v_scale, scale_n, num_splits, H, G: tl.constexpr,
             BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-            SPLIT: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
-    b, kh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+            SPLIT: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr, ORDERED: tl.constexpr):
+    # programs start in the order of their ids, kv heads and splits of one sequence together,
+    # sequences longest first (`order`): the short ones fill in the tail
+    kh, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = tl.load(order + b) if ORDERED else b
     row = tl.load(cu_q + b)
     is_decode = tl.load(cu_q + b + 1) - row == 1
     num_keys = tl.where(is_decode, tl.load(seq_lens + b), 0)   # 0: not mine, loop is empty
@@ -346,7 +349,10 @@ class TritonBackend:
                              fp_fusion=0)
 
     def prepare(self, batch: AttnBatch) -> AttnBatch:
-        return batch     # everything is derived on the device, inside the op
+        """extra: the sequences longest first (a device argsort, once per step), the order in
+        which decode programs start."""
+        order = torch.argsort(batch.seq_lens, descending=True, stable=True)
+        return attrs.evolve(batch, extra=order.to(torch.int32))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                 layer: int, batch: AttnBatch, scale: float, rope: tuple | None = None) -> torch.Tensor:
@@ -356,16 +362,17 @@ class TritonBackend:
         kernel norms and rotates both and writes the KV (fuses_rope)."""
         return torch.ops.functional_llm.triton_attention(
             q, k, v, kv, layer, batch.slot_mapping, batch.cu_q, batch.seq_lens,
-            batch.block_tables, batch.max_seq_len, scale, self._tile_args, *(rope or ()))
+            batch.block_tables, batch.max_seq_len, scale, self._tile_args, batch.extra, *(rope or ()))
 
 
 @torch.library.custom_op("functional_llm::triton_attention", mutates_args=("kv",))
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                   layer: int, slot_mapping: torch.Tensor, cu_q: torch.Tensor,
                   seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int,
-                  scale: float, tiles: list[int], cos: Optional[torch.Tensor] = None,
-                  sin: Optional[torch.Tensor] = None, q_norm: Optional[torch.Tensor] = None,
-                  k_norm: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
+                  scale: float, tiles: list[int], order: Optional[torch.Tensor] = None,
+                  cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                  q_norm: Optional[torch.Tensor] = None, k_norm: Optional[torch.Tensor] = None,
+                  eps: float = 0.0) -> torch.Tensor:
     """The KV write (with q/k norm and rope first, when cos is given) and attention of one
     layer as one operator: torch.compile keeps it a single node and writes kv in place (the
     pool is the one mutated input)."""
@@ -373,12 +380,12 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.T
     scales = (k_scale, v_scale)
     q = rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, q_norm, k_norm, eps, scales)
     return attend(q, k_cache, v_cache, cu_q, seq_lens, block_tables, max_seq_len, scale,
-                  Tiles(*tiles), scales)
+                  Tiles(*tiles), scales, order)
 
 
 @_attention_op.register_fake
 def _(q, k, v, kv, layer, slot_mapping, cu_q, seq_lens, block_tables, max_seq_len, scale, tiles,
-      cos=None, sin=None, q_norm=None, k_norm=None, eps=0.0):
+      order=None, cos=None, sin=None, q_norm=None, k_norm=None, eps=0.0):
     return q.new_empty(q.shape)
 
 
@@ -401,23 +408,24 @@ def _num_sms(device: torch.device) -> int:
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: torch.Tensor,
            seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int, scale: float,
-           tiles: Tiles = Tiles(), scales: tuple = (None, None)) -> torch.Tensor:
+           tiles: Tiles = Tiles(), scales: tuple = (None, None),
+           order: torch.Tensor | None = None) -> torch.Tensor:
     """Attention only (the caches already hold this step's K/V): q [T, H, D] -> out [T, H, D].
     Launch shapes depend on T, B and max_seq_len only: rows of query length 1 take _decode,
     longer ones _prefill, and rows of length 0 (padding) neither. scales: the fp8 pool's
-    (k_scale, v_scale) [N, S, K] (kernels.base.cache_views), the caches then e4m3."""
+    (k_scale, v_scale) [N, S, K] (kernels.base.cache_views), the caches then e4m3. order [B]
+    int32: the rows in the order their decode programs should start (prepare's; None: as
+    they come)."""
     T, H, D = q.shape
     N, S, K, _ = k_cache.shape
-    B = seq_lens.shape[0]
-    G = H // K
+    B, G = seq_lens.shape[0], H // K
     assert H == K * G and 1 <= G <= 16, (H, K)
     assert D >= 16 and D & (D - 1) == 0, f"head_dim {D} must be a power of two >= 16"
     assert S & (S - 1) == 0, f"block size {S} must be a power of two"
     q = q if q.stride(2) == 1 else q.contiguous()
     out = q.new_empty(T, H, D)
     # fp32 inputs: exact fp32 products (the GPU default is TF32); 16-bit: the default
-    prec = "ieee" if q.dtype == torch.float32 else None
-    qk_scale = scale * math.log2(math.e)
+    prec, qk_scale = ("ieee" if q.dtype == torch.float32 else None), scale * math.log2(math.e)
     scale_args, fp8 = _scale_args(scales, k_cache)     # an fp8 pool's V is [K, D, S] in a page:
     assert k_cache.stride(3) == 1 and v_cache.stride()[1:] == ((1, S * D, S) if fp8 else k_cache.stride()[1:])
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
@@ -434,9 +442,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
     # fp8: capped registers let 3 programs share an SM (on an H200 186 against 218 us,
     # benchmarks/RESULTS.md); bf16 is faster uncapped. The interpreter takes no cap.
     regs = dict(maxnreg=168) if fp8 and q.is_cuda else {}
-    _decode[(B, K, splits)](q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens,
-                            block_tables, *strides, splits, H, BLOCK_G=max(16, triton.next_power_of_2(G)),
-                            BLOCK_N=block_n, SPLIT=splits > 1, num_warps=tiles.decode_warps,
+    _decode[(K, splits, B)](q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_tables,
+                            cu_q if order is None else order, *strides, splits, H, BLOCK_N=block_n,
+                            BLOCK_G=max(16, triton.next_power_of_2(G)), SPLIT=splits > 1,
+                            ORDERED=order is not None, num_warps=tiles.decode_warps,
                             num_stages=tiles.decode_stages, **common, **regs)
     if splits > 1:
         _combine[(B, H)](out, part_out, part_lse, cu_q, out.stride(0), out.stride(1), splits, H,
@@ -462,8 +471,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     """q [T, H, D], k/v [T, K, D] as projected -> q normed and rotated [T, H, D]; k normed,
     rotated and v written into the caches at slot_mapping (model.llama.qk_norm_rope's math).
     cos None: no rotation (q comes back as it was)."""
-    T, H, D = q.shape
-    K = k.shape[1]
+    (T, H, D), K = q.shape, k.shape[1]
     rope, norm, q_out = cos is not None, q_norm is not None, q.new_empty(T, H, D)
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1
     assert not rope or cos.is_contiguous() and sin.is_contiguous()

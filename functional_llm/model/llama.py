@@ -85,8 +85,7 @@ def all_reduce(x: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
     return x
 
 
-def embed(params: dict, cfg: ModelConfig, input_ids: torch.Tensor,
-          mesh: Mesh | None) -> torch.Tensor:
+def embed(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
     """input_ids [T] -> [T, E]. A rank holding V/world rows (vocab-parallel) owns ids
     [rank * rows, (rank + 1) * rows): others look up row 0 and are zeroed, so the all-reduce
     adds exactly one real row per token."""
