@@ -136,34 +136,34 @@ def _norm_rope(x, xp, w, d, partner, c, s, eps, NORM: tl.constexpr, ROPE: tl.con
 def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
                    q_norm, k_norm, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                    stride_vh, stride_n, stride_s, stride_h, cache_vs, cache_vh, cache_vd, scale_n, H, K, eps,
-                   NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
+                   G: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_G: tl.constexpr,
                    D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr):
-    """Token t: q/k per-head norm (Qwen3) and rope, q into q_out [T, H, D], k and v into the
-    pool at slot_mapping[t] (negative: not written). One kernel for what was three. Without
-    NORM and ROPE: the plain KV write (q copied)."""
-    t, h = tl.program_id(0), tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, D)
+    """Token t, kv head kh: q/k per-head norm (Qwen3) and rope, kh's G query heads into q_out
+    [T, H, D], its k and v into the pool at slot_mapping[t] (negative: not written). One kernel
+    for what was three. Without NORM and ROPE: the plain KV write (q copied)."""
+    t, kh, g, d = tl.program_id(0), tl.program_id(1), tl.arange(0, BLOCK_G), tl.arange(0, D)
+    h = (kh * G + g)[:, None]
     partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
     c = tl.load(cos + t * D + d).to(tl.float32)
     s = tl.load(sin + t * D + d).to(tl.float32) * tl.where(d < D // 2, -1.0, 1.0)
     rows = q + t * stride_qt + h * stride_qh
-    qm = (h < H) & (d[None, :] < D)
+    qm = (g < G)[:, None] & (d[None, :] < D)
     x = _norm_rope(tl.load(rows + d[None, :], mask=qm, other=0.0),
                    tl.load(rows + partner[None, :], mask=qm, other=0.0), q_norm, d, partner,
                    c, s, eps, NORM, ROPE, D)
     tl.store(q_out + (t * H + h) * D + d[None, :], x.to(q_out.dtype.element_ty), mask=qm)
     slot = tl.load(slot_mapping + t)
-    km = tl.where(slot >= 0, (h < K) & (d[None, :] < D), False)
-    rows = k + t * stride_kt + h * stride_kh
+    heads = kh + tl.arange(0, 1)
+    km = tl.where(slot >= 0, (heads < K)[:, None] & (d[None, :] < D), False)
+    rows = k + t * stride_kt + heads[:, None] * stride_kh
     x = _norm_rope(tl.load(rows + d[None, :], mask=km, other=0.0),
                    tl.load(rows + partner[None, :], mask=km, other=0.0), k_norm, d, partner,
                    c, s, eps, NORM, ROPE, D)
     # k rounded to the model dtype first, as the unfused path stores (or quantizes) it
-    heads = tl.arange(0, BLOCK_H)
     _store_kv(k_cache, k_scale, slot, heads, d, x.to(q_out.dtype.element_ty), stride_n,
               stride_s, stride_h, 1, scale_n, K, PAGE, FP8)
-    _store_kv(v_cache, v_scale, slot, heads, d,      # V at its own strides (fp8: [K, D, S] a page)
-              tl.load(v + t * stride_vt + h * stride_vh + d[None, :], mask=km, other=0.0), stride_n,
+    x = tl.load(v + t * stride_vt + heads[:, None] * stride_vh + d[None, :], mask=km, other=0.0)
+    _store_kv(v_cache, v_scale, slot, heads, d, x, stride_n,  # V at its own strides (fp8: [K, D, S] a page)
               cache_vs, cache_vh, cache_vd, scale_n, K, PAGE, FP8)
 
 
@@ -479,8 +479,8 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     cos, sin = (cos, sin) if rope else (q, q)       # unread without ROPE
     strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3],
                *v_cache.stride()[1:], scale_n)
-    _rope_write_kv[(T,)](q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
-                         q_norm if norm else cos, k_norm if norm else cos, *strides, H, K, eps,
-                         NORM=norm, ROPE=rope, BLOCK_H=triton.next_power_of_2(max(H, K)), D=D,
-                         PAGE=k_cache.shape[1], FP8=fp8, num_warps=4)
+    _rope_write_kv[(T, K)](q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapping, cos, sin,
+                           q_norm if norm else cos, k_norm if norm else cos, *strides, H, K, eps, G=H // K,
+                           NORM=norm, ROPE=rope, BLOCK_G=triton.next_power_of_2(H // K), D=D,
+                           PAGE=k_cache.shape[1], FP8=fp8, num_warps=1)
     return q_out

@@ -38,8 +38,7 @@ import torch
 
 
 _MASK32 = 0xFFFFFFFF
-_UNIFORM_BITS = 24
-_HALF_RANGE = 1 << (_UNIFORM_BITS - 1)
+_UNIFORM_BITS = 23     # (bits + 0.5) / 2**23 is exact in float32 for every 23-bit value
 
 
 @attrs.frozen(slots=True)
@@ -177,22 +176,16 @@ def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """seeds [B], positions [B], columns [B, V] int64 -> Gumbel noise [B, V] float32.
 
-    Finite everywhere: the uniform lies in [2**-25, 1 - 2**-25]."""
-    bits = uniform_bits(seeds, positions, columns)
-    # u = (bits + 0.5) / 2**24. In float32 bits + 0.5 is exact only below 2**23, and
-    # -log(u) near u = 1 is where the large (winning) noise values come from, so the upper
-    # half is computed from 1 - u = (2**24 - bits - 0.5) / 2**24 with log1p instead.
-    low = bits < _HALF_RANGE
-    scale = 2.0 ** -_UNIFORM_BITS
-    u = (bits.float() + 0.5) * scale
-    one_minus_u = ((1 << _UNIFORM_BITS) - bits).float().sub(0.5) * scale
-    exp_draw = torch.where(low, -torch.log(u), -torch.log1p(-one_minus_u))
-    return -torch.log(exp_draw)
+    Finite everywhere: the uniform u = (bits + 0.5) / 2**23 lies in [2**-24, 1 - 2**-24] and is
+    exact in float32 (24 significant bits), up to its largest values near 1, where -log(u) makes
+    the large, winning noise; float32's log is accurate there."""
+    u = (uniform_bits(seeds, positions, columns).float() + 0.5) * 2.0 ** -_UNIFORM_BITS
+    return -torch.log(-torch.log(u))
 
 
 def uniform_bits(seeds: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """The counter-based hash: seeds [B], positions [B], columns [B, V] int64 (all >= 0)
-    -> [B, V] int64 in [0, 2**24), a pure function of (seed, position, column).
+    -> [B, V] int64 in [0, 2**23), a pure function of (seed, position, column).
 
     Two independent 32-bit lanes absorb the 64-bit seed and the position per row (cheap,
     [B]); the column is then mixed with both lanes, so a row key is 64 bits wide and two
@@ -204,10 +197,10 @@ def uniform_bits(seeds: torch.Tensor, positions: torch.Tensor, columns: torch.Te
         lane_a = _mix32(lane_a ^ word)
         lane_b = _mix32(lane_b ^ word ^ salt)
     lane_b = _mix32(lane_b ^ seed_lo)
-    # Weyl step over the column (odd multiplier < 2**31), then two full mixing rounds.
-    x = (lane_a[:, None] + columns * 0x61C88647) & _MASK32
-    x = _mix32(_mix32(x) ^ lane_b[:, None])
-    return x >> (32 - _UNIFORM_BITS)
+    # Weyl step over the column (odd multiplier < 2**31), then one full mixing round (a Weyl
+    # sequence through an avalanche mixer, as splitmix): the one [B, V] part of sampling
+    x = ((lane_a[:, None] + columns * 0x61C88647) & _MASK32) ^ lane_b[:, None]
+    return _mix32(x) >> (32 - _UNIFORM_BITS)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
