@@ -45,17 +45,17 @@ def _report() -> dict:
         p = {n: "*bf16" for n in ("q", "k", "v", "out", "q_out", "cos", "sin", "q_norm", "k_norm")}
         p.update({n: "*" + cache for n in ("k_cache", "v_cache")})
         p.update({n: "*fp32" for n in ("k_scale", "v_scale", "part_out", "part_lse")})
-        p.update({n: "*i32" for n in ("cu_q", "seq_lens", "block_tables")}, slot_mapping="*i64")
+        p.update({n: "*i32" for n in ("cu_q", "seq_lens", "block_tables", "order")}, slot_mapping="*i64")
         common = dict(D=128, PAGE=16, PREC=None, FP8=cache != "bf16")
         note(f"decode/{cache}", _ptx(triton_attn._decode, dict(
-            common, G=2, BLOCK_G=16, BLOCK_N=tiles.decode_block_n, SPLIT=False), p,
+            common, G=2, BLOCK_G=16, BLOCK_N=tiles.decode_block_n, SPLIT=False, ORDERED=True), p,
             tiles.decode_warps, tiles.decode_stages))
         for block_m in (tiles.prefill_block_m, 64):
             note(f"prefill{block_m}/{cache}", _ptx(triton_attn._prefill, dict(
                 common, G=2, BLOCK_M=block_m, BLOCK_Q=block_m // 2, BLOCK_N=tiles.prefill_block_n,
                 BLOCK_B=256), p))
         note(f"write/{cache}", _ptx(triton_attn._rope_write_kv, dict(
-            NORM=True, ROPE=True, BLOCK_H=16, D=128, PAGE=16, FP8=cache != "bf16"), p))
+            G=2, NORM=True, ROPE=True, BLOCK_G=2, D=128, PAGE=16, FP8=cache != "bf16"), p, warps=1))
     note("gemm", _ptx(invariant._matmul, dict(HAS_BIAS=True, BM=invariant.BLOCK_M, BN=invariant.BLOCK_N,
                                               BK=invariant.BLOCK_K, PREC=None),
                       {n: "*bf16" for n in ("x", "w", "bias", "out")}, 4, 3))
