@@ -9,7 +9,7 @@ from functional_llm.errors import (EngineDead, FunctionalLLMError, InvalidConfig
                                    InvalidPrompt, InvalidSamplingParams, QueueFull, RequestTooLarge,
                                    UnknownRequest)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "FunctionalLLMError", "InvalidConfig",
            "InvalidModel", "InvalidPrompt", "InvalidSamplingParams", "RequestTooLarge", "UnknownRequest",
            "QueueFull", "EngineDead"]
