@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     common.add_argument("--device", type=_checked(str, lambda d: re.fullmatch(r"cpu|cuda(:\d+)?", d),
                                                   "expected cpu, cuda or cuda:N"))
     common.add_argument("--dtype", choices=DTYPES)
+    common.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
+                        help="fp8: K and V kept as float8 e4m3 with a scale per token and kv head "
+                             "(about twice the tokens in the same memory); auto: the model dtype")
     parser = argparse.ArgumentParser(prog="functional-llm")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", parents=[common], help="generate a completion for one or more prompts")
@@ -93,7 +96,8 @@ def _llm_and_params(args):
     """The LLM and SamplingParams that generate's and chat's shared options describe."""
     from functional_llm import LLM, SamplingParams
 
-    return LLM(model=args.model, device=args.device, dtype=args.dtype), SamplingParams(
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+    return llm, SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
 
 

@@ -45,6 +45,7 @@ def test_unusable_device_and_model_limits_are_typed_errors(tiny):
     (["generate", "hi", "--seed", "-3"], "--seed"),
     (["generate", "hi", "--device", "tpu"], "--device"),
     (["generate", "hi", "--dtype", "int8"], "--dtype"),
+    (["generate", "hi", "--kv-cache-dtype", "int4"], "--kv-cache-dtype"),
     (["generate", "hi", "--model", "/nonexistent/folder"], "no such folder"),
     (["chat", "--model", "README.md"], "is a file"),
     (["chat", "--temperature", "hot"], "--temperature")])
@@ -54,6 +55,14 @@ def test_cli_checks_arguments_before_loading_a_model(argv, message, capsys, monk
     monkeypatch.setattr(LLM, "__init__", no_model)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_kv_cache_dtype_reaches_the_llm(tiny, capsys, monkeypatch):
+    made, init = [], LLM.__init__
+    monkeypatch.setattr(LLM, "__init__", lambda self, **kw: made.append(self) or init(self, **kw))
+    assert main(["generate", "Hi", "--model", str(tiny), "--kv-cache-dtype", "fp8", "--max-tokens", "3"]) == 0
+    assert made[0].engine.runner.kv.dtype == torch.uint8      # the fp8 pool: e4m3 values + scales
+    assert capsys.readouterr().out.strip()
 
 
 def test_chat_session_streams_and_keeps_the_history(tiny):
