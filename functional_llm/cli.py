@@ -97,8 +97,8 @@ def _llm_and_params(args):
     from functional_llm import LLM, SamplingParams
 
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
-    return llm, SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    return llm, SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                               seed=args.seed)
 
 
 def _generate(args) -> int:

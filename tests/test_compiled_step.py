@@ -11,6 +11,7 @@ graphs read (runtime/graphs.py), and both must give the eager step's tokens and 
 from __future__ import annotations
 
 import functools
+import shutil
 
 import attrs
 import numpy as np
@@ -108,6 +109,33 @@ def _(q, k, v, kv, layer, scale):
 class OpBackend(ReferenceBackend):
     def forward(self, q, k, v, kv, layer, batch, scale):
         return torch.ops.functional_llm.reference_attention_for_tests(q, k, v, kv, layer, scale)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor's CPU code needs a C++ compiler")
+def test_no_residual_add_is_folded_into_a_gemm(tmp_path):
+    """Inductor (on a GPU, wherever the sum has a non-pointwise use, as the next residual add
+    folded the same way) turns x + mm(...) into addmm(x, ...), which copies x into its output
+    first: a device copy per residual add. model.llama.residual keeps the adds unfolded in the
+    compiled forward (Inductor on the CPU, bf16, folds whenever it can: x + delta written plainly
+    gives 2 addmm a layer here) and the result the eager one's."""
+    from torch._inductor.utils import run_and_get_code
+    from functional_llm.kernels.base import AttnBatch
+    from functional_llm.model.llama import forward
+    llm = LLM(str(make_tiny_model("qwen3", tmp_path)), device="cpu", dtype="bfloat16", block_size=4,
+              num_kv_blocks=16)
+    model, kv, T = llm.engine.runner.model, llm.engine.runner.kv, 4
+    batch = AttnBatch(slot_mapping=torch.arange(T), cu_q=torch.tensor([0, T], dtype=torch.int32),
+                      seq_lens=torch.tensor([T], dtype=torch.int32), max_q=T, max_seq_len=T,
+                      block_tables=torch.tensor([[0]], dtype=torch.int32))
+    batch = model.backend.prepare(batch)
+
+    def step(ids, positions):
+        return forward(model.params, model.cfg, ids, positions, batch, kv, model.backend)
+    args = (torch.arange(T) + 5, torch.arange(T))
+    out, code = run_and_get_code(torch.compile(step, fullgraph=True), *args)
+    assert code and "extern_kernels.mm(" in "".join(code)          # the GEMMs are there
+    assert "addmm" not in "".join(code)
+    torch.testing.assert_close(out, step(*args), rtol=5e-2, atol=1e-1)      # bf16: a few ulps
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True])

@@ -77,6 +77,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def residual(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """x + delta. Compiled, written through fp32 (bitwise the same: a 16-bit add is an fp32 add
+    rounded once) so that Inductor does not fold it into the GEMM that made delta: x + mm(...)
+    would become addmm(x, ...), which first copies x into its output, a device copy per
+    residual add (2 a layer); unfolded, the add fuses into the next norm's kernel."""
+    return (x.float() + delta.float()).to(x.dtype) if torch.compiler.is_compiling() else x + delta
+
+
 def all_reduce(x: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
     """x summed over the ranks of `mesh` (a new tensor); x itself with no mesh or one rank.
     A functional collective: torch.compile traces it into the step's graph."""
@@ -161,9 +169,9 @@ def forward(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, positions: 
     L = "model.layers.{}."
     h = norm(x, params[L.format(0) + "input_layernorm.weight"], cfg)
     for i in range(cfg.num_layers):
-        x = x + attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh)   # residual
+        x = residual(x, attention(params, cfg, i, h, cos, sin, batch, kv, backend, mesh))
         h = norm(x, params[L.format(i) + "post_attention_layernorm.weight"], cfg)
-        x = x + mlp(params, cfg, i, h, mesh)
+        x = residual(x, mlp(params, cfg, i, h, mesh))
         h = norm(x, params[L.format(i + 1) + "input_layernorm.weight" if i + 1 < cfg.num_layers
                            else "model.norm.weight"], cfg)
     return h
