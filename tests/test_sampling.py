@@ -373,6 +373,21 @@ def test_unfiltered_fast_path_draws_the_same_tokens_as_the_sorted_path():
     assert len(set(fast.tolist())) > B // 2          # really sampled, not a constant
 
 
+def test_16_bit_logits_sample_as_their_float32_widening():
+    """The step hands the sampler the head's bf16 logits (a float32 copy would be a [B, V]
+    write every step): greedy, Gumbel-max and filtered rows, banned ids or not, give the tokens
+    of the same logits widened to float32."""
+    g, B = torch.Generator().manual_seed(5), 512     # enough rows for near ties bf16 math would flip
+    logits = (torch.randn(B, 300, generator=g) * 3).to(torch.bfloat16)
+    banned = [[7, -1], [-1, -1], [3, 4], [-1, -1]] * (B // 4)
+    for temperature, top_k, top_p in ((0.0, 0, 1.0), (0.7, 0, 1.0), (0.9, 20, 0.9)):
+        st = make_sampling_tensors([temperature] * B, [top_k] * B, [top_p] * B, [0.0] * B,
+                                   list(range(B)), [3] * B, "cpu", banned)
+        tokens = sample(logits, st)
+        assert torch.equal(tokens, sample(logits.float(), st))
+        assert temperature == 0 or len(set(tokens.tolist())) > 50     # really drawn
+
+
 def test_banned_ids_are_never_sampled_and_other_rows_untouched():
     """min_tokens masking: a row's banned ids (EOS, stop ids) get -inf before any sampling
     path; a row banning nothing (-1s) samples as without the mask, bit for bit."""

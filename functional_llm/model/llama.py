@@ -177,11 +177,12 @@ def forward(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, positions: 
     return h
 
 
-def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor,
-                   mesh: Mesh | None = None) -> torch.Tensor:
-    """hidden [B, E] -> logits [B, V] float32 (a tied head reuses the embedding matrix). A
-    vocab-parallel head scores the rank's V/world slice; the slices are all-gathered in rank
-    order, so every rank returns the whole [B, V]."""
+def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor, mesh: Mesh | None = None,
+                   dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """hidden [B, E] -> logits [B, V] in `dtype` (None: the model's, as the head's GEMM makes
+    them; a tied head reuses the embedding matrix). A vocab-parallel head scores the rank's
+    V/world slice; the slices are all-gathered in rank order, so every rank returns the whole
+    [B, V]."""
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     logits = linear(hidden, params[name], None, cfg)
     if logits.shape[-1] != cfg.vocab_size:
@@ -191,4 +192,4 @@ def compute_logits(params: dict, cfg: ModelConfig, hidden: torch.Tensor,
         B, part = logits.shape
         parts = funcol.all_gather_tensor(logits, 0, mesh.group)
         logits = parts.view(mesh.world, B, part).permute(1, 0, 2).reshape(B, mesh.world * part)
-    return logits.float()
+    return logits if dtype is None else logits.to(dtype)

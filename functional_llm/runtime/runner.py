@@ -34,12 +34,14 @@ class DeviceModel:
 def device_step(model: DeviceModel, kv: torch.Tensor, inputs: StepInputs) -> tuple:
     """Model forward + sampling for one step; inputs.attn already went through the backend's
     `prepare` (host work, outside any compiled region). Writes the new tokens' K/V into kv;
-    returns (sampled ids [Bs], their rows' raw logits [Bs, V] float32, final hidden [T, E]),
-    still on the device (the caller decides when to sync; logits and hidden serve logprobs,
-    and cost nothing more: both are materialised anyway)."""
+    returns (sampled ids [Bs], their rows' raw logits [Bs, V] in the model dtype, final hidden
+    [T, E]), still on the device (the caller decides when to sync; logits and hidden serve
+    logprobs, and cost nothing more: both are materialised anyway; a float32 copy of the
+    logits would be a [Bs, V] write every step, so the sampler and logprobs widen them as
+    they read them)."""
     hidden = forward(model.params, model.cfg, inputs.input_ids, inputs.positions, inputs.attn,
                      kv, model.backend, model.mesh)
-    logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows], model.mesh)
+    logits = compute_logits(model.params, model.cfg, hidden[inputs.sample_rows], model.mesh, dtype=None)
     return sample(logits, inputs.sampling), logits, hidden
 
 

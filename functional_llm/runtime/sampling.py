@@ -83,7 +83,8 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """logits [B, V] float32 -> tokens [B] int64 (see the module docstring). Pure.
+    """logits [B, V] float32, or 16-bit (scaled in float32) -> tokens [B] int64 (see the module
+    docstring). Pure.
 
     No profiler range in here: record_function is dropped (with a warning) under
     torch.compile, so the caller's step labels this region "sample"."""
