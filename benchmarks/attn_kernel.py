@@ -1,7 +1,8 @@
 """Paged decode attention, one layer, on a GPU: the triton backend against the copy bandwidth.
 
 Qwen3-0.6B attention shapes (16 q heads, 8 kv heads, head_dim 128, bf16); 256 sequences of 850
-keys each decode one token; pages of --block-size tokens handed out in random order, as a
+keys each decode one token (--ragged: 100 .. 1,600 keys each, mean 850); pages of --block-size
+tokens (default: the triton backend's for the pool) handed out in random order, as a
 long-running pool would. Times with CUDA events over many iterations, both eagerly and replayed
 from a CUDA graph (no launch gaps):
   attend  = the decode kernel (+ the split combine, when the heuristic splits)
@@ -130,7 +131,8 @@ def prefill(args, copy_bw):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="default: the triton backend's for the pool (16 bf16, 64 fp8)")
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--context", type=int, default=850)
     ap.add_argument("--splits", type=int, default=0, help="decode splits (0: the heuristic's)")
@@ -142,6 +144,8 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=8192)
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     args = ap.parse_args()
+    if args.block_size is None:
+        args.block_size = TritonBackend.block_sizes[args.kv_cache_dtype == "fp8"]
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bw = copy_bandwidth()
     torch.cuda.empty_cache()          # give the copy's 4 GiB back before the pool is made

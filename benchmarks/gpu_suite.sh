@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one go, each step's output in $LOG_DIR (default ./gpu-logs):
 #   tests      the GPU test files, whole (CPU-side cases included; two-GPU cases need two GPUs)
-#   kernels    benchmarks/attn_kernel.py with a bf16 and an fp8 pool
+#   kernels    benchmarks/attn_kernel.py with a bf16 and an fp8 pool (256 x 850 keys; 128 ragged)
 #   headline   benchmarks/throughput.py: default, --kv-cache-dtype fp8, --batch-invariant
 # With two or more GPUs the tests run on GPU 1 while the benchmarks run on GPU 0 (the two-GPU
 # tests then run last, alone); with one, everything runs in turn. Summary lines at the end.
@@ -18,6 +18,8 @@ TESTS="tests/test_gpu.py tests/test_triton_attn.py tests/test_batch_invariant.py
 benchmarks() {
   for dtype in auto fp8; do
     timeout 120 python3 benchmarks/attn_kernel.py --kv-cache-dtype "$dtype" > "$LOG_DIR/attn_$dtype.txt" 2>&1
+    timeout 120 python3 benchmarks/attn_kernel.py --kv-cache-dtype "$dtype" --ragged --num-seqs 128 \
+      > "$LOG_DIR/attn_${dtype}_ragged128.txt" 2>&1
   done
   for mode in default fp8 invariant; do
     case $mode in
