@@ -45,7 +45,7 @@ def _report() -> dict:
         p = {n: "*bf16" for n in ("q", "k", "v", "out", "q_out", "cos", "sin", "q_norm", "k_norm")}
         p.update({n: "*" + cache for n in ("k_cache", "v_cache")})
         p.update({n: "*fp32" for n in ("k_scale", "v_scale", "part_out", "part_lse")})
-        p.update({n: "*i32" for n in ("cu_q", "seq_lens", "block_tables", "order")}, slot_mapping="*i64")
+        p.update({n: "*i32" for n in ("cu_q", "seq_lens", "block_tables")}, slot_mapping="*i64", order="*i64")
         common = dict(D=128, PAGE=16, PREC=None, FP8=cache != "bf16")
         note(f"decode/{cache}", _ptx(triton_attn._decode, dict(
             common, G=2, BLOCK_G=16, BLOCK_N=tiles.decode_block_n, SPLIT=False, ORDERED=True), p,

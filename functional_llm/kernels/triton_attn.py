@@ -1,8 +1,9 @@
 """The `triton` backend: paged attention kernels written in Triton.
 
 Kernels, all reading the pool [N, S, K, D] through the block tables:
-* `_rope_write_kv`: one program per new token norms and rotates its q and k (Qwen3's per-head
-  norm; RoPE) and writes its [K, D] keys and values to its slot.
+* `_rope_write_kv`: one program per (new token, kv head) norms and rotates that kv head's G
+  query heads and its key (Qwen3's per-head norm; RoPE) and writes its key and value row to
+  the token's slot.
 With an fp8 pool (kernels/base.py) the writes quantize each (token, kv head) row with its own
 scale, and the attention kernels load the e4m3 values and multiply the scales into the
 products (a key's scale into its column of scores, a value's into its column of weights):
@@ -154,7 +155,7 @@ def _rope_write_kv(q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, slot_mapp
     tl.store(q_out + (t * H + h) * D + d[None, :], x.to(q_out.dtype.element_ty), mask=qm)
     slot = tl.load(slot_mapping + t)
     heads = kh + tl.arange(0, 1)
-    km = tl.where(slot >= 0, (heads < K)[:, None] & (d[None, :] < D), False)
+    km = tl.where(slot >= 0, d[None, :] < D, False)                   # [1, D]: kv head kh
     rows = k + t * stride_kt + heads[:, None] * stride_kh
     x = _norm_rope(tl.load(rows + d[None, :], mask=km, other=0.0),
                    tl.load(rows + partner[None, :], mask=km, other=0.0), k_norm, d, partner,
@@ -176,7 +177,7 @@ def _decode(q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_
     # programs start in the order of their ids, kv heads and splits of one sequence together,
     # sequences longest first (`order`): the short ones fill in the tail
     kh, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b = tl.load(order + b) if ORDERED else b
+    b = tl.load(order + b).to(tl.int32) if ORDERED else b
     row = tl.load(cu_q + b)
     is_decode = tl.load(cu_q + b + 1) - row == 1
     num_keys = tl.where(is_decode, tl.load(seq_lens + b), 0)   # 0: not mine, loop is empty
@@ -351,8 +352,7 @@ class TritonBackend:
     def prepare(self, batch: AttnBatch) -> AttnBatch:
         """extra: the sequences longest first (a device argsort, once per step), the order in
         which decode programs start."""
-        order = torch.argsort(batch.seq_lens, descending=True, stable=True)
-        return attrs.evolve(batch, extra=order.to(torch.int32))
+        return attrs.evolve(batch, extra=torch.argsort(batch.seq_lens, descending=True, stable=True))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                 layer: int, batch: AttnBatch, scale: float, rope: tuple | None = None) -> torch.Tensor:
@@ -414,7 +414,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
     Launch shapes depend on T, B and max_seq_len only: rows of query length 1 take _decode,
     longer ones _prefill, and rows of length 0 (padding) neither. scales: the fp8 pool's
     (k_scale, v_scale) [N, S, K] (kernels.base.cache_views), the caches then e4m3. order [B]
-    int32: the rows in the order their decode programs should start (prepare's; None: as
+    int64: the rows in the order their decode programs should start (prepare's; None: as
     they come)."""
     T, H, D = q.shape
     N, S, K, _ = k_cache.shape
