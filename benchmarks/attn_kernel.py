@@ -132,7 +132,7 @@ def prefill(args, copy_bw):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--block-size", type=int, default=None,
-                    help="default: the triton backend's for the pool (16 bf16, 64 fp8)")
+                    help="default: the triton backend's for the pool (16 bf16, 128 fp8)")
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--context", type=int, default=850)
     ap.add_argument("--splits", type=int, default=0, help="decode splits (0: the heuristic's)")

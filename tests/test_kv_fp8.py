@@ -3,7 +3,7 @@ holds float8 e4m3 values with a scale per (token, kv head); they change the logi
 that never quantizes fails), a little; prefix-cache hits and recompute preemption give the
 same tokens as a run without either; the pool holds more blocks in the same memory; the trace
 records the cache dtype; a backend without fp8 support refuses it before anything loads; the
-triton backend gives an fp8 pool 64-token blocks by default.
+triton backend gives an fp8 pool 128-token blocks by default.
 (Accuracy on real weights: benchmarks/kv_fp8_accuracy.py.)"""
 from __future__ import annotations
 
@@ -92,9 +92,9 @@ def test_refused_by_name(folder, monkeypatch):
         LLM(folder, device="cpu", kv_cache_dtype="fp8")
 
 
-def test_an_fp8_pool_on_the_triton_backend_defaults_to_64_token_blocks(folder):
-    """The triton backend reads an fp8 page's V rows (block_size bytes each) in whole 32-byte
-    sectors only from 32 tokens a block on (benchmarks/RESULTS.md): its fp8 pool defaults to 64;
+def test_an_fp8_pool_on_the_triton_backend_defaults_to_128_token_blocks(folder):
+    """The triton backend's fp8 decode tile (128 keys) is one page at 128 tokens a block (one
+    table lookup; benchmarks/RESULTS.md): its fp8 pool defaults to 128;
     bf16 pools and the other backends keep 16, and an explicit block_size wins."""
     pytest.importorskip("triton")
     from functional_llm.model import load_config
@@ -107,6 +107,6 @@ def test_an_fp8_pool_on_the_triton_backend_defaults_to_64_token_blocks(folder):
                               block_size=given, num_kv_blocks=None, tensor_parallel_size=1,
                               kv_cache_dtype=kv_cache_dtype)
         return spec.block_size
-    assert block_size("triton", "fp8") == block_size("triton", "fp8_e4m3") == 64
+    assert block_size("triton", "fp8") == block_size("triton", "fp8_e4m3") == 128
     assert block_size("triton", "auto") == block_size("reference", "fp8") == 16
     assert block_size("triton", "fp8", given=16) == 16

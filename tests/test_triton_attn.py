@@ -39,7 +39,8 @@ pytest.importorskip("triton")
 
 from functional_llm.errors import InvalidConfig  # noqa: E402
 from functional_llm.kernels import get_backend  # noqa: E402
-from functional_llm.kernels.base import AttnBatch, cache_views, new_pool, quantize  # noqa: E402
+from functional_llm.kernels.base import (FP8, AttnBatch, cache_views, new_pool,  # noqa: E402
+                                         quantize)
 from functional_llm.kernels.reference import ReferenceBackend  # noqa: E402
 import functional_llm.kernels.invariant as invariant  # noqa: E402  (re-imported if dropped above)
 from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits, rope_write_kv  # noqa: E402
@@ -113,12 +114,17 @@ def pool(k_cache, v_cache):
 
 
 def fp8_pool(k_cache, v_cache):
-    """The fp8 pool (kernels/base.py) holding the caches quantized: unwritten rows stay NaN."""
+    """The fp8 pool (kernels/base.py) holding the caches quantized. Rows nobody wrote get NaN
+    scales and random finite e4m3 values (the pool holds finite values only): any weight a
+    kernel gave such a row would show in its output."""
     N, S, K, D = k_cache.shape
     kv = new_pool(1, N, S, K, D, k_cache.dtype, True, k_cache.device)
+    junk = (torch.rand(N, S, K, D, generator=torch.Generator().manual_seed(1)) * 896 - 448).to(FP8)
     for i, cache in enumerate((k_cache, v_cache)):
         values, scales = cache_views(kv, 0, i, K, D)
         values[:], scales[:] = quantize(cache)
+        unwritten = cache.isnan().any(-1)
+        values[unwritten] = junk.to(values.device)[unwritten]
     return kv
 
 
@@ -178,11 +184,13 @@ def same_quantization(kv, ref_kv, K, D, which=(0, 1), steps=0):
         assert not off.any(), off.nonzero()[:5]
 
 
-@pytest.mark.parametrize("name", ["decode-split-gqa4", "decode-block4-gqa3", "prefix-then-chunk", "mixed-gqa3"])
+@pytest.mark.parametrize("name", ["decode-split-gqa4", "decode-block4-gqa3", "prefix-then-chunk",
+                                  "mixed-gqa3", "decode-one-split-mqa"])
 def test_fp8_pool_matches_reference(name):
     """With the fp8 pool: the new K/V quantized as the reference quantizes them (values and
     scales), and attention over the e4m3 values and scales as the reference's over its
-    dequantized copy. Unwritten rows are NaN: a read of one would show."""
+    dequantized copy. Unwritten rows hold junk and NaN scales (fp8_pool): a weight given to one
+    would show. decode-one-split-mqa: tiles of one page (one table lookup a tile)."""
     cached, q_lens, S, K, G, D, (dtype, tol), overrides = CASES[name]
     q, k, v, k_cache, v_cache, batch = make_case(cached, q_lens, S, K, G, D, dtype)
     backend, reference, scale = TritonBackend(**{**SMALL_TILES, **overrides}), ReferenceBackend(), D ** -0.5
@@ -257,6 +265,20 @@ def test_registry_and_missing_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, name, without)
     with pytest.raises(InvalidConfig, match="triton"):
         get_backend("triton")
+
+
+def test_fp8_writes_store_finite_values_only():
+    """A NaN in a new K or V row is written to the fp8 pool as 0, by the triton write as by the
+    reference's quantize: the pool holds finite values only, so the attention kernels may read
+    a page's slots past a sequence's end and weigh them 0 (kernels/base.py)."""
+    q, k, v, k_cache, v_cache, batch = make_case([5, 3], [1, 2], 8, 2, 2, 16, torch.float32)
+    k[0, 1, 3] = v[2, 0, 7] = float("nan")
+    for backend in (ReferenceBackend(), TritonBackend(**SMALL_TILES)):
+        kv = fp8_pool(k_cache, v_cache)
+        backend.forward(q, k, v, kv, 0, backend.prepare(batch), 0.25)
+        assert not torch.equal(kv, fp8_pool(k_cache, v_cache))
+        for i in (0, 1):
+            assert cache_views(kv, 0, i, 2, 16)[0].float().isfinite().all(), (backend.name, i)
 
 
 # ---- at real sizes, on a GPU only -----------------------------------------------------------

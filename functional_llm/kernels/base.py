@@ -17,9 +17,11 @@ scale to requantize while the block fills) and one outlier token costs only its 
 bf16 pool, the values [K, D, S] and the scales [K, S]: keys contiguous where attention sums
 over them (the weights times V; kernels/triton_attn.py), so a tile of V or of scales loads in
 16-byte pieces, with no byte gather feeding the tensor cores. A (kv head, dim) row of V is then
-S bytes: below 32 it is part of a 32-byte memory sector and every sector is fetched twice, so
-the triton backend's fp8 pool defaults to 64-token blocks (TritonBackend.block_sizes; RESULTS.md
-has the measurements).
+S bytes: below 32 it is part of a 32-byte memory sector and every sector is fetched twice. The
+triton backend's fp8 pool defaults to 128-token blocks, so that a 128-key decode tile is one page
+(TritonBackend.block_sizes; RESULTS.md has the measurements). The pool holds finite values only
+(zeroed at start; a NaN is written as 0), so a kernel may read a page's slots past a sequence's
+end and weigh them 0.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     row scaled so its absmax lands on FP8_MAX (an all-zero row gets the smallest normal scale)."""
     x = x.float()
     scale = x.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX
-    return (x / scale[..., None]).to(FP8), scale
+    return (x / scale[..., None]).nan_to_num(0.0).to(FP8), scale
 
 
 @attrs.frozen(slots=True)

@@ -66,26 +66,30 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh, st
     The fp8 pool keeps each page's V [K, D, S] and scales [K, S] (kernels/base.py): the product
     with the weights runs along the keys, and with the keys contiguous its V tile loads in
     16-byte pieces and feeds tl.dot without a byte gather; it loads whole pages unmasked, as
-    masks varying along the keys would split those loads into bytes."""
+    masks varying along the keys would split those loads into bytes. Keys past `end` weigh 0
+    (their scores -inf, their scales 0); their values need no mask, as the fp8 pool holds
+    finite bytes only (zeroed at start, NaN written as 0): a masked V tile took a layout
+    round trip through shared memory, 1.6x the instructions of an unmasked one."""
     if FP8 and q.dtype == tl.bfloat16:
         q = q.to(tl.float16)
     n, d = start + tl.arange(0, BLOCK_N), tl.arange(0, D)
     valid = n < end
-    page = tl.load(table + n // PAGE, mask=valid, other=0).to(tl.int64)
-    rows = page * stride_n + (n % PAGE) * stride_s + kh * stride_h           # [BLOCK_N]
+    if PAGE % BLOCK_N == 0:   # the tile lies in one page: one scalar lookup, addresses from it
+        page, o = tl.load(table + start // PAGE).to(tl.int64), start % PAGE + tl.arange(0, BLOCK_N)
+    else:
+        page, o = tl.load(table + n // PAGE, mask=valid, other=0).to(tl.int64), n % PAGE
+    rows = page * stride_n + o * stride_s + kh * stride_h                    # [BLOCK_N]
     k = tl.load(k_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     if FP8:   # whole pages unmasked (keys past the end zeroed below); the hints: runs of PAGE
         # keys, contiguous and PAGE-aligned, within one page
-        at = tl.max_contiguous(tl.multiple_of(page * scale_n + kh * PAGE + n % PAGE, PAGE), PAGE)
-        v_at = (page * stride_n + kh * D * PAGE + n % PAGE)[:, None] + d[None, :] * PAGE
+        at = tl.max_contiguous(tl.multiple_of(page * scale_n + kh * PAGE + o, PAGE), PAGE)
+        v_at = (page * stride_n + kh * D * PAGE + o)[:, None] + d[None, :] * PAGE
         v = tl.load(v_cache + tl.max_contiguous(tl.multiple_of(v_at, [PAGE, 1]), [PAGE, 1]))
     else:
         v = tl.load(v_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale  # [M, BLOCK_N]
     if FP8:
         s = s * (tl.load(k_scale + at, mask=valid, other=0.0) if MASK_END else tl.load(k_scale + at))[None, :]
-        if MASK_END:             # (a stale slot past a sequence's end may hold anything)
-            v = tl.where(valid[:, None], v.to(q.dtype), 0.0)
     if MASK_END:
         s = tl.where(valid[None, :], s, float("-inf"))
     if CAUSAL:
@@ -114,6 +118,7 @@ def _store_kv(cache, scales, slot, h, d, x, stride_n, stride_s, stride_h, stride
         sc = tl.maximum(tl.max(tl.abs(x), 1), 1.1754943508222875e-38) / 448.0
         tl.store(scales + (slot // PAGE) * scale_n + h * PAGE + slot % PAGE, sc, mask=rmask)
         x = x / sc[:, None]
+        x = tl.where(x == x, x, 0.0)   # NaN -> 0: the pool holds finite values only (_attend_tile)
     tl.store(cache + dst, x.to(cache.dtype.element_ty), mask=rmask[:, None])
 
 
@@ -305,6 +310,7 @@ class Tiles:
     decode_warps: int = 4
     decode_stages: int = 3
     fp_fusion: int = 1      # 0: no a*b+c contracted to one FMA (kernels whose masks differ agree)
+    decode_regs: int = 0    # registers a decode thread may use (0: 128 with an fp8 pool, else no cap)
 
 
 class TritonBackend:
@@ -315,9 +321,9 @@ class TritonBackend:
     compilable = True   # forward is one registered op: torch.compile sees a single node
     fuses_rope = True   # forward takes q/k before their norm and rope (its `rope` argument)
     fp8_kv = True       # reads and writes the fp8 pool (kernels/base.py)
-    # default block sizes (bf16/fp32 pool, fp8 pool): an fp8 page's V rows are block_size bytes
-    # and fill whole 32-byte sectors only from 32 keys on (kernels/base.py, RESULTS.md)
-    block_sizes = (16, 64)
+    # default block sizes (bf16/fp32 pool, fp8 pool): an fp8 decode tile of 128 keys is then one
+    # page (one table lookup, addresses from one base; kernels/base.py, RESULTS.md)
+    block_sizes = (16, 128)
 
     def __init__(self, **tiles: int | None):
         if triton is None:
@@ -434,14 +440,13 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: 
     splits = tiles.num_splits or choose_num_splits(B, K, max_seq_len, _num_sms(q.device))
     block_n = tiles.decode_block_n or min(128, ((16384 if fp8 else 8192) if wide else 4096) // D)
     assert block_n >= 16, "tl.dot needs tiles of 16 or more"
-    part_out = part_lse = out         # the splits' partials: unused with one split
-    if splits > 1:
-        part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    # the splits' partials (unused with one split)
+    part_out, part_lse = (torch.empty(B, H, splits, *d, dtype=torch.float32, device=q.device)
+                          for d in ((D,), ())) if splits > 1 else (out, out)
     common = dict(G=G, D=D, PAGE=S, PREC=prec, FP8=fp8, enable_fp_fusion=bool(tiles.fp_fusion))
-    # fp8: capped registers let 3 programs share an SM (on an H200 186 against 218 us,
-    # benchmarks/RESULTS.md); bf16 is faster uncapped. The interpreter takes no cap.
-    regs = dict(maxnreg=168) if fp8 and q.is_cuda else {}
+    # fp8: capped registers let 4 programs share an SM (benchmarks/RESULTS.md); bf16 is faster
+    # uncapped. The interpreter takes no cap.
+    regs = dict(maxnreg=tiles.decode_regs or 128) if (fp8 or tiles.decode_regs) and q.is_cuda else {}
     _decode[(K, splits, B)](q, k_cache, v_cache, out, part_out, part_lse, cu_q, seq_lens, block_tables,
                             cu_q if order is None else order, *strides, splits, H, BLOCK_N=block_n,
                             BLOCK_G=max(16, triton.next_power_of_2(G)), SPLIT=splits > 1,
