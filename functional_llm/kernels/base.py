@@ -66,7 +66,8 @@ def cache_views(kv: torch.Tensor, layer: int, which: int, kv_heads: int, head_di
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (e4m3 values [..., D], float32 scales [...]): x ~ values * scale, each
-    row scaled so its absmax lands on FP8_MAX (an all-zero row gets the smallest normal scale)."""
+    row scaled so its absmax lands on FP8_MAX (an all-zero row gets the smallest normal scale); a
+    NaN is stored as 0, so the pool holds finite values only (the module docstring)."""
     x = x.float()
     scale = x.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX
     return (x / scale[..., None]).nan_to_num(0.0).to(FP8), scale

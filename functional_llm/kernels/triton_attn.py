@@ -80,7 +80,7 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, k_scale, v_scale, table, kh, st
         page, o = tl.load(table + n // PAGE, mask=valid, other=0).to(tl.int64), n % PAGE
     rows = page * stride_n + o * stride_s + kh * stride_h                    # [BLOCK_N]
     k = tl.load(k_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    if FP8:   # whole pages unmasked (keys past the end zeroed below); the hints: runs of PAGE
+    if FP8:   # whole pages unmasked (keys past the end weigh 0, above); the hints: runs of PAGE
         # keys, contiguous and PAGE-aligned, within one page
         at = tl.max_contiguous(tl.multiple_of(page * scale_n + kh * PAGE + o, PAGE), PAGE)
         v_at = (page * stride_n + kh * D * PAGE + o)[:, None] + d[None, :] * PAGE
