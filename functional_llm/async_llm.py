@@ -33,11 +33,10 @@ class _Stream:
 
     def put(self, item) -> bool:
         """Hand `item` to the caller (from the loop thread); False if its event loop is closed."""
-        try:
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
             return True
-        except RuntimeError:
-            return False
+        return False
 
 
 @attrs.frozen
@@ -77,8 +76,7 @@ class AsyncLLM(contextlib.AbstractAsyncContextManager):
         # held while submitting and while the loop dies, so no command is queued after the
         # loop's last look at the queue (such a command would never be answered: a hang)
         self._lock = threading.Lock()
-        self._dead_reason: Optional[str] = None
-        self._dead_cause: Optional[BaseException] = None
+        self._dead_reason, self._dead_cause = None, None   # why the loop stopped, and what stopped it
         self._counters = self._llm.counters   # replaced (never mutated) by the loop thread
         # loop-thread state: live requests and those admitted but without a token yet
         self._streams: dict[str, _Stream] = {}
@@ -167,9 +165,8 @@ class AsyncLLM(contextlib.AbstractAsyncContextManager):
     def _apply(self, command) -> None:
         if isinstance(command, _Add):
             self._add(command)
-        elif isinstance(command, _Close):
-            if command.stream in self._rid_of:   # else it ended already
-                self._end(self._rid_of[command.stream])
+        elif isinstance(command, _Close) and command.stream in self._rid_of:   # else it ended already
+            self._end(self._rid_of[command.stream])
         elif isinstance(command, _Abort):
             if command.request_id in self._streams:
                 self._end(command.request_id).put(_END)
@@ -198,8 +195,7 @@ class AsyncLLM(contextlib.AbstractAsyncContextManager):
     def _deliver(self, outputs) -> None:
         for out in outputs:
             rid = out.request_id
-            stream = self._streams.get(rid)
-            if stream is None:
+            if (stream := self._streams.get(rid)) is None:
                 continue
             if out.token_ids or out.finished:
                 self._waiting.discard(rid)

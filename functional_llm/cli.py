@@ -6,6 +6,7 @@ Arguments are checked by argparse (usage message, exit code 2) before any model 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
 import re
 import sys
@@ -19,11 +20,9 @@ DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 def _checked(convert, ok, why):
     """An argparse type: convert, then check; a failure is a usage error naming the value."""
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):
             if ok(value := convert(text)):
                 return value
-        except ValueError:
-            pass
         raise argparse.ArgumentTypeError(f"{text!r}: {why}")
     return parse
 

@@ -8,8 +8,7 @@ class FunctionalLLMError(ValueError):
     def __init__(self, parameter: str, value, message: str):
         self.parameter, self.value = parameter, value
         shown = repr(value)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        super().__init__(f"{parameter}={shown}: {message}")
+        super().__init__(f"{parameter}={shown if len(shown) <= 80 else shown[:77] + '...'}: {message}")
 
 
 class InvalidSamplingParams(FunctionalLLMError):

@@ -4,8 +4,10 @@ the engine state changes."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import gc
+import itertools
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -28,16 +30,15 @@ from functional_llm.runtime.engine import Engine
 Prompt = Union[str, Sequence[int]]
 
 
-class LLM:
+class LLM(contextlib.AbstractContextManager):
     def __init__(self, model: Optional[str] = None, max_model_len: Optional[int] = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: Optional[int] = None,
                  block_size: Optional[int] = None, num_kv_blocks: Optional[int] = None,
                  enable_prefix_caching: bool = True, dtype: Optional[str] = None,
-                 device: Optional[str] = None, seed: int = 0,
-                 attention_backend: Optional[str] = None, enforce_eager: bool = False,
-                 trace: Optional[str] = None, async_scheduling: Optional[bool] = None,
-                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto",
-                 batch_invariant: bool = False):
+                 device: Optional[str] = None, seed: int = 0, attention_backend: Optional[str] = None,
+                 enforce_eager: bool = False, trace: Optional[str] = None,
+                 async_scheduling: Optional[bool] = None, tensor_parallel_size: int = 1,
+                 kv_cache_dtype: str = "auto", batch_invariant: bool = False):
         """trace: a file path; every input, Plan, sampled token and core-state digest is
         written there as JSON lines (`functional-llm replay PATH` checks it).
         async_scheduling: schedule step k+1 while step k runs on the device (the pipelined
@@ -74,8 +75,7 @@ class LLM:
         try:
             sched = attrs.evolve(sched, eos_token_ids=tuple(cfg.eos_token_ids),
                                  enable_prefix_caching=enable_prefix_caching)
-            self.tokenizer = _tokenizer(path)
-            self.model_config, self.seed, self._spec = cfg, seed, spec
+            self.tokenizer, self.model_config, self.seed, self._spec = _tokenizer(path), cfg, seed, spec
             async_scheduling = device.type == "cuda" if async_scheduling is None else async_scheduling
             writer = None if trace is None else TraceWriter(trace, header_record(
                 sched, _trace_shell(spec, runner.graphs, seed), pipeline=async_scheduling))
@@ -84,7 +84,7 @@ class LLM:
             if spec.world > 1:
                 runner.close()    # stop the workers now, not at exit
             raise
-        self._next_id = 0
+        self._ids = map("req-{}".format, itertools.count())   # auto request ids: req-0, req-1, ...
         # rid -> OutputState of every live request (outputs.apply); replaced, never mutated
         self._outputs = immutables.Map()
         self._decode = (functools.partial(self.tokenizer.decode, skip_special_tokens=True)
@@ -96,12 +96,7 @@ class LLM:
         """Stop the tensor-parallel workers (tensor_parallel_size > 1); idempotent. Nothing to
         do on one device. A closed tensor-parallel LLM raises WorkerError on its next step.
         (Without close, the workers stop when the runner is collected or at exit.)"""
-        close = getattr(getattr(getattr(self, "engine", None), "runner", None), "close", None)
-        if close is not None:
-            close()
-
-    def __enter__(self) -> "LLM":
-        return self
+        getattr(getattr(getattr(self, "engine", None), "runner", None), "close", lambda: None)()
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -204,10 +199,7 @@ class LLM:
         if params.top_p < 1 and self._spec.batch_invariant:   # (its softmax and cumsum: README)
             raise InvalidSamplingParams("top_p", params.top_p, "batch_invariant=True does not cover top-p yet")
         if request_id is None:   # auto ids skip ids in use, so they never collide with a user's
-            while f"req-{self._next_id}" in self._outputs:
-                self._next_id += 1
-            rid = f"req-{self._next_id}"
-            self._next_id += 1
+            rid = next(r for r in self._ids if r not in self._outputs)
         else:
             rid = str(request_id)
             if rid in self._outputs:
@@ -308,11 +300,9 @@ def _bad_params(params):
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
-        return [list(prompts)]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidPrompt("prompts", prompts, "must be a str, a list of ids, or a non-empty list of them")
-    return list(prompts)
+    return [list(prompts)] if all(isinstance(t, int) for t in prompts) else list(prompts)
 
 
 def _trace_shell(spec, graphs, seed: int) -> dict:

@@ -137,8 +137,7 @@ def apply(outputs: immutables.Map, deltas: Deltas, decode: Callable[[list], str]
         for rid in deltas.prompt_logprobs.keys() - new.keys():    # a chunk that samples nothing
             live[rid] = _with_logprobs(live[rid], None, deltas.prompt_logprobs[rid], decode)
         for rid, toks in new.items():
-            st = live[rid]
-            finish = deltas.finished.get(rid)
+            finish, st = deltas.finished.get(rid), live[rid]
             st = _with_logprobs(st, deltas.logprobs.get(rid), deltas.prompt_logprobs.get(rid, ()), decode)
             st, out = _advance(st, toks, finish, deltas.num_cached.get(rid, st.num_cached), decode)
             if out.finish_reason is not None:
@@ -167,9 +166,8 @@ def _with_logprobs(st: OutputState, sampled, prompt: tuple, decode) -> OutputSta
 def _advance(st: OutputState, toks: list, finish: Optional[str], num_cached: int, decode
              ) -> tuple[OutputState, RequestOutput]:
     """One request's part of apply: its new tokens (and finish, if any) -> (state', output)."""
-    tokens, parts, taken = st.token_ids, st.text_parts, len(toks)
+    tokens, parts, taken, stops = st.token_ids, st.text_parts, len(toks), st.params.stop
     prefix, read, held, tail, delta = st.prefix_offset, st.read_offset, st.held, st.tail, []
-    stops = st.params.stop
     if not (st.stream or stops):                # text only at the end: one decode
         tokens = tokens.extend(toks)
         if finish is not None:                  # the only decode of such a request
@@ -214,8 +212,7 @@ def _detokenize(decode, tokens: PVector, prefix: int, read: int, final: bool) ->
     span tokens), or at the end (final), when whatever is left is all there will be."""
     if read == len(tokens):
         return "", prefix, read
-    before = decode(list(tokens[prefix:read]))
-    after = decode(list(tokens[prefix:]))
+    before, after = decode(list(tokens[prefix:read])), decode(list(tokens[prefix:]))
     if len(after) > len(before) and (final or not after.endswith(REPLACEMENT)):
         return after[len(before):], read, len(tokens)
     return "", prefix, read
@@ -228,21 +225,15 @@ def _scan(piece: str, held: str, tail: str, stops: tuple, window: int, final: bo
     is held (the longest such suffix, shorter than the stop), so `held` is a suffix of `tail`,
     and a match is searched in `tail + piece` only."""
     region = tail + piece
-    hits = [i for i in (region.find(s) for s in stops) if i >= 0]
-    if hits:   # emit from where the held text starts in region up to the first match
+    if hits := [i for i in (region.find(s) for s in stops) if i >= 0]:
+        # emit from where the held text starts in region up to the first match
         return region[len(tail) - len(held):min(hits)], "", "", True
     pending = held + piece
-    keep = 0 if final else _stop_prefix(pending, stops)
-    cut = len(pending) - keep
+    cut = len(pending) - (0 if final else _stop_prefix(pending, stops))
     return pending[:cut], pending[cut:], region[max(len(region) - window, 0):], False
 
 
 def _stop_prefix(text: str, stops: tuple) -> int:
     """Length of the longest suffix of text that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+    return max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])),
+               default=0)

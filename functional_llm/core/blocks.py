@@ -137,8 +137,7 @@ def register(pool: BlockPool, block: int, h: int, tokens: tuple, parent_block: O
     if block in pool.cached or (parent_block is not None and pinfo is None):
         return pool  # indexed already, or its parent is not (so it is unreachable anyway)
     parent = None if parent_block is None else (parent_block, pinfo.epoch)
-    other = pool.by_hash.get(h)
-    if other is not None and _valid_link(pool, pool.cached[other]):
+    if (other := pool.by_hash.get(h)) is not None and _valid_link(pool, pool.cached[other]):
         return pool
     info = CachedBlock(h, tokens, parent, pool.next_epoch)
     return BlockPool(pool.block_size, pool.ref, pool.queue, pool.head, pool.queued_at, pool.num_free,

@@ -42,9 +42,8 @@ def advance(state: SchedState, cfg: SchedConfig, plan: Plan) -> SchedState:
 
     The pipelined engine runs advance right after launching a step, so the next step can be
     scheduled while this one is still on the device; resolve fills the tokens in later."""
-    hash_fn = cfg.hash_fn or B.chain_hash
     pool, seqs, changed = state.pool, state.seqs, {}
-    caching, S = cfg.enable_prefix_caching, cfg.block_size
+    caching, S, hash_fn = cfg.enable_prefix_caching, cfg.block_size, cfg.hash_fn or B.chain_hash
     for rid, start, count, sample in zip(plan.rids, plan.starts, plan.counts, plan.sample):
         seq = seqs[rid]   # per-step hot path: one Seq and at most one vector append per row
         assert seq.num_computed == start, f"{rid!r}: planned from {start}, computed {seq.num_computed}"
@@ -62,9 +61,8 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
     row's sample) replaces that row's PENDING token; then stop ids, EOS, max_tokens and
     max_model_len decide who finishes. Finished sequences release their blocks and leave the
     state wherever they are (a pipelined engine may have preempted one meanwhile)."""
-    finished, cached = {}, {}
+    finished, cached, seqs = {}, {}, dict(state.seqs)
     eos, max_len = cfg.eos_token_ids, cfg.max_model_len
-    seqs = dict(state.seqs)
     rows = [(rid, start + count) for rid, start, count, smp
             in zip(plan.rids, plan.starts, plan.counts, plan.sample) if smp]
     assert len(rows) == len(tokens), f"{len(tokens)} tokens for {len(rows)} sampling rows"
@@ -82,11 +80,10 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
     pool = state.pool
     for rid in finished:
         pool = B.free(pool, seqs.pop(rid).block_table)
-    running, waiting = state.running, state.waiting
     if finished:
-        running = tuple(r for r in running if r not in finished)
-        waiting = tuple(r for r in waiting if r not in finished)
-    new = attrs.evolve(state, waiting=waiting, running=running, seqs=MappingProxyType(seqs), pool=pool)
+        state = attrs.evolve(state, running=tuple(r for r in state.running if r not in finished),
+                             waiting=tuple(r for r in state.waiting if r not in finished))
+    new = attrs.evolve(state, seqs=MappingProxyType(seqs), pool=pool)
     return new, Deltas(tuple(rid for rid, _ in rows), tuple(tokens), MappingProxyType(finished),
                        MappingProxyType(cached))
 
@@ -104,8 +101,7 @@ def finish(state: SchedState, rid: str) -> SchedState:
     """End a live request for a reason decided outside core (a stop string, an abort: the
     reason travels in the caller's Delta and trace, core needs none).
     Its blocks are released; full computed blocks stay in the prefix cache."""
-    seq = state.seqs.get(rid)
-    if seq is None:
+    if (seq := state.seqs.get(rid)) is None:
         raise UnknownRequest("request_id", rid, "is not a live request")
     return attrs.evolve(state, pool=B.free(state.pool, seq.block_table),
                         waiting=tuple(r for r in state.waiting if r != rid),

@@ -20,10 +20,8 @@ from functional_llm.errors import InvalidSamplingParams
 
 
 def _to_tuple(value):
-    if value is None:
-        return ()
     if isinstance(value, str) or not hasattr(value, "__iter__"):
-        return (value,)   # one item (validation names a wrong one)
+        return () if value is None else (value,)   # one item (validation names a wrong one)
     return tuple(value)
 
 

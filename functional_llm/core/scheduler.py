@@ -34,10 +34,9 @@ def check_request(cfg: SchedConfig, req: Request) -> None:
         raise InvalidSamplingParams("stop_token_ids", req.params.stop_token_ids, f"with min_tokens, "
                                     f"at most {MAX_BANNED} ids with EOS can be masked")
     longest = min(n + req.params.max_tokens, cfg.max_model_len)
-    if B.blocks_for(longest, cfg.block_size) > cfg.num_blocks:
-        raise RequestTooLarge("num_kv_blocks", cfg.num_blocks,
-                              f"request {req.rid!r} may need {longest} tokens = "
-                              f"{B.blocks_for(longest, cfg.block_size)} blocks of {cfg.block_size}")
+    if (need := B.blocks_for(longest, cfg.block_size)) > cfg.num_blocks:
+        raise RequestTooLarge("num_kv_blocks", cfg.num_blocks, f"request {req.rid!r} may need {longest} "
+                              f"tokens = {need} blocks of {cfg.block_size}")
 
 
 def banned_ids(cfg: SchedConfig, req: Request) -> tuple:
@@ -67,8 +66,7 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
     The state argument is unchanged."""
     S, hash_fn = cfg.block_size, cfg.hash_fn or B.chain_hash
     pool, seqs, changed = state.pool, state.seqs, {}
-    budget = cfg.max_num_batched_tokens
-    running, waiting = list(state.running), list(state.waiting)
+    budget, running, waiting = cfg.max_num_batched_tokens, list(state.running), list(state.waiting)
     rids, starts, counts, sample = [], [], [], []
     preempted, chunked, hit_tokens, decode = [], 0, 0, 0
 
@@ -112,9 +110,8 @@ def schedule(state: SchedState, cfg: SchedConfig) -> tuple[SchedState, Plan]:
 
     while not preempted and waiting and budget > 0 and len(running) < cfg.max_num_seqs:
         seq = changed.get(waiting[0]) or seqs[waiting[0]]
-        match = B.PrefixMatch()
-        if cfg.enable_prefix_caching and seq.req.params.prompt_logprobs is None:
-            match = B.match_prefix(pool, seq.tokens, hash_fn)   # (prompt logprobs: compute all)
+        match = (B.match_prefix(pool, seq.tokens, hash_fn)   # (prompt logprobs: compute all)
+                 if cfg.enable_prefix_caching and seq.req.params.prompt_logprobs is None else B.PrefixMatch())
         start = len(match.blocks) * S
         n = min(len(seq.tokens) - start, budget)
         need = B.blocks_for(start + n, S) - len(match.blocks)

@@ -144,8 +144,7 @@ def pipelined_step_record(step: int, plan: Plan, advance_dropped, prev_plan: Opt
     return {**step_record(step, plan, tokens, state, deltas),
             "advance_dropped": [r for r in plan.rids if r in advance_dropped],
             "resolves": None if prev_plan is None else step - 1,
-            "resolve_dropped": [r for r in (() if prev_plan is None else prev_plan.rids)
-                                if r in resolve_dropped]}
+            "resolve_dropped": [r for r in (prev_plan.rids if prev_plan else ()) if r in resolve_dropped]}
 
 
 def encode(record: dict) -> str:

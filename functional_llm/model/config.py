@@ -108,7 +108,7 @@ def load_config(path) -> ModelConfig:
         head_dim=int(raw.get("head_dim") or hidden // num_heads), rope_theta=_rope_theta(raw, folder),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), qk_norm=model_type == "qwen3",
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qkv_bias=True if model_type == "qwen2" else bool(raw.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         eos_token_ids=_ids(merged.get("eos_token_id")), bos_token_id=None if bos is None else int(bos),
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"))

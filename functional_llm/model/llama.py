@@ -71,12 +71,6 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2F] (gate rows then up rows) -> silu(gate) * up [T, F]."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def residual(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """x + delta. Compiled, written through fp32 (bitwise the same: a 16-bit add is an fp32 add
     rounded once) so that Inductor does not fold it into the GEMM that made delta: x + mm(...)
@@ -88,9 +82,7 @@ def residual(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 def all_reduce(x: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
     """x summed over the ranks of `mesh` (a new tensor); x itself with no mesh or one rank.
     A functional collective: torch.compile traces it into the step's graph."""
-    if mesh is not None and mesh.world > 1:
-        return funcol.all_reduce(x, "sum", mesh.group)
-    return x
+    return funcol.all_reduce(x, "sum", mesh.group) if mesh is not None and mesh.world > 1 else x
 
 
 def embed(params: dict, cfg: ModelConfig, input_ids: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
@@ -133,8 +125,8 @@ def mlp(params: dict, cfg: ModelConfig, layer: int, x: torch.Tensor,
         mesh: Mesh | None = None) -> torch.Tensor:
     """x [T, E] -> [T, E]: down(silu(gate(x)) * up(x)), summed over the ranks' ffw slices."""
     p = f"model.layers.{layer}.mlp."
-    hidden = silu_mul(linear(x, params[p + "gate_up_proj.weight"], None, cfg))
-    return all_reduce(linear(hidden, params[p + "down_proj.weight"], None, cfg), mesh)
+    gate, up = linear(x, params[p + "gate_up_proj.weight"], None, cfg).chunk(2, dim=-1)   # [T, F] each
+    return all_reduce(linear(F.silu(gate) * up, params[p + "down_proj.weight"], None, cfg), mesh)
 
 
 def fuse_params(params: dict, cfg: ModelConfig) -> dict:
@@ -146,8 +138,7 @@ def fuse_params(params: dict, cfg: ModelConfig) -> dict:
     for i in range(cfg.num_layers):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-            parts = [out.pop(f"{a}{n}_proj.{kind}") for n in "qkv"]
-            out[f"{a}qkv_proj.{kind}"] = torch.cat(parts, dim=0)
+            out[f"{a}qkv_proj.{kind}"] = torch.cat([out.pop(f"{a}{n}_proj.{kind}") for n in "qkv"], dim=0)
         out[m + "gate_up_proj.weight"] = torch.cat([out.pop(m + "gate_proj.weight"),
                                                      out.pop(m + "up_proj.weight")], dim=0)
     return out

@@ -24,13 +24,10 @@ def weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InvalidModel("model", str(index), f"unreadable shard index: {exc}") from exc
         files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise InvalidModel("model", str(folder), f"shards named in {INDEX_FILE} are "
-                               f"missing: {missing}")
+        if missing := [f.name for f in files if not f.is_file()]:
+            raise InvalidModel("model", str(folder), f"shards named in {INDEX_FILE} are missing: {missing}")
         return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    if not (files := sorted(folder.glob("*.safetensors"))):
         raise InvalidModel("model", str(folder), "no *.safetensors weight files in the folder")
     return files
 
@@ -42,9 +39,7 @@ def load_params(path, cfg: ModelConfig, dtype: torch.dtype,
     InvalidModel naming the tensor when one is missing or has the wrong shape.
     select(name, shape) -> index tuple or None: read only that slice of a tensor (tensor
     parallelism); None reads it whole."""
-    folder = pathlib.Path(path)
-    specs = param_specs(cfg)
-    params: dict[str, torch.Tensor] = {}
+    folder, specs, params = pathlib.Path(path), param_specs(cfg), {}
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for name in [n for n in handle.keys() if n in specs]:
@@ -57,8 +52,7 @@ def load_params(path, cfg: ModelConfig, dtype: torch.dtype,
                 index = select(name, shape) if select is not None else None
                 tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
                 params[name] = tensor.to(device=device, dtype=dtype)
-    missing = [name for name in specs if name not in params]
-    if missing:
+    if missing := [name for name in specs if name not in params]:
         shown = missing[:5] + (["..."] if len(missing) > 5 else [])
         raise InvalidModel(missing[0], None, f"{len(missing)} tensor(s) missing from {folder}: {shown}")
     return params

@@ -137,8 +137,7 @@ def shard(params: dict[str, torch.Tensor], specs: dict[str, ParamSpec], rules: S
     plan = shard_spec(specs, rules, world, head_dim=head_dim)
     out = {}
     for name, tensor in params.items():
-        spec = specs.get(name)
-        if spec is None:
+        if (spec := specs.get(name)) is None:
             raise InvalidConfig(name, None, "no ParamSpec for this tensor (shard the unfused "
                                 "params, then fuse_params)")
         if tuple(tensor.shape) != spec.shape:

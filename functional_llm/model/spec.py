@@ -44,8 +44,7 @@ def _layer_specs(cfg: ModelConfig, i: int) -> dict[str, ParamSpec]:
         specs[attn + "v_proj.bias"] = ParamSpec((KD,), "bias", ("kv_heads",))
     if cfg.qk_norm:
         # one weight shared by every head: replicated, never split
-        specs[attn + "q_norm.weight"] = ParamSpec((D,), "norm", (None,))
-        specs[attn + "k_norm.weight"] = ParamSpec((D,), "norm", (None,))
+        specs.update({f"{attn}{n}_norm.weight": ParamSpec((D,), "norm", (None,)) for n in "qk"})
     return specs
 
 

@@ -167,7 +167,7 @@ class Engine:
                 feed = Feed(dst, prev.device_tokens, np.fromiter(
                     (prev.row_of[plan.rids[r]] for r in host.row_of_token(dst)), np.int64, len(dst)))
             launched = _InFlight(plan, self.runner.launch(host, feed), self.state, host)
-        scheduled, tokens, deltas = plan, [], Deltas()   # the trace records plan k, step k-1's samples
+        tokens, deltas = [], Deltas()   # the trace records plan k, step k-1's samples
         if prev is not None:
             prev_plan, keep = prev.plan.without(prev.gone)
             self.dropped_rows += len(prev.plan.rids) - len(prev_plan.rids)
@@ -182,7 +182,7 @@ class Engine:
         self._flight = launched
         if self.trace is not None:
             self.trace.write(T.pipelined_step_record(
-                self.state.counters.steps - 1, scheduled, launched.gone if launched else (),
+                self.state.counters.steps - 1, plan, launched.gone if launched else (),
                 prev and prev.plan, prev.gone if prev else (), tokens, self.state, deltas))
         return deltas
 

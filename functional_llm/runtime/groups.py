@@ -45,8 +45,7 @@ class Groups:
 def join_groups(device: torch.device, rank: int, world: int, store=None) -> Groups:
     """Join (or reuse, under torchrun) the default group (NCCL between GPUs, else gloo), then
     create the control group (gloo: the step messages are host arrays)."""
-    owns = not dist.is_initialized()
-    if owns:
+    if owns := not dist.is_initialized():
         where = {"store": store} if store is not None else {"init_method": "env://"}
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=STEP_TIMEOUT, **where)

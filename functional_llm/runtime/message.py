@@ -53,9 +53,8 @@ def decode(header: np.ndarray, payload: np.ndarray) -> tuple[HostInputs, np.ndar
             values.append(d0)
             continue
         dt = _DTYPES[code - 1]
-        shape = (d0, d1)[:ndim]
         nbytes = d0 * (d1 if ndim == 2 else 1) * dt.itemsize
-        values.append(payload[off:off + nbytes].view(dt).reshape(shape))
+        values.append(payload[off:off + nbytes].view(dt).reshape((d0, d1)[:ndim]))
         off += nbytes + -nbytes % 8
     host = HostInputs(*values[:len(_HOST_FIELDS)])
     return (host, values[-2], values[-1]) if h[2] else (host, None, None)

@@ -60,8 +60,7 @@ class HostInputs:
 def stage_host(state: SchedState, plan: Plan, sched: SchedConfig) -> HostInputs:
     """Build the step's inputs from the post-schedule state (block tables are allocated)."""
     block_size, seqs = sched.block_size, state.seqs
-    starts = np.asarray(plan.starts, dtype=np.int64)
-    counts = np.asarray(plan.counts, dtype=np.int64)
+    starts, counts = np.asarray(plan.starts, dtype=np.int64), np.asarray(plan.counts, dtype=np.int64)
     rows = [seqs[rid] for rid in plan.rids]
     if counts.max() == 1:  # pure decode: one token per row
         ids = np.fromiter((s.tokens[p] for s, p in zip(rows, plan.starts)), np.int64, len(rows))

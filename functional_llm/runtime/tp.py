@@ -123,8 +123,8 @@ class _Workers:
         self.release_graphs()
         if graceful and self.groups is not None:
             with contextlib.suppress(Exception):   # a broken group: destroyed below, after the join
-                stop = torch.tensor([STOP] + [0] * (HEADER_LEN - 1))   # int64, as every header
-                dist.broadcast(stop, 0, group=self.groups.control)
+                # (an int64 tensor, as every header)
+                dist.broadcast(torch.tensor([STOP] + [0] * (HEADER_LEN - 1)), 0, group=self.groups.control)
                 # the workers release their groups on "stop": release ours at the same time
                 # (an NCCL group destroyed after its peers have exited was seen to hang)
                 self.groups.destroy()
@@ -164,8 +164,7 @@ class TPRunner:
         workers = self._workers
         workers.check()
         try:
-            header, payload = encode(host, feed)
-            for part in (header, payload):   # the payload is never empty (message.encode)
+            for part in encode(host, feed):   # header, payload (never empty: message.encode)
                 dist.broadcast(torch.from_numpy(part), 0, group=workers.groups.control)
             return self.local.launch(host, feed)
         except Exception as e:
@@ -180,8 +179,7 @@ def start(spec, build):
     Under torchrun a rank >= 1 instead serves steps until rank 0 stops it, then raises
     SystemExit(0). build(spec, mesh, device, agree) -> (Runner, SchedConfig) builds one rank's
     device half (a module-level function: spawned workers receive it by name)."""
-    env = torchrun_rank()
-    if env is not None:
+    if (env := torchrun_rank()) is not None:
         rank, world, local_rank = env
         if world != spec.world:
             raise InvalidConfig("tensor_parallel_size", spec.world,
@@ -202,8 +200,8 @@ def start(spec, build):
                             "open?): close it first, or launch every rank with torchrun")
     device = rank_device(spec, 0)
     ctx = mp.get_context("spawn")
-    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=STARTUP_TIMEOUT,
-                          wait_for_workers=False)     # port 0: the OS picks a free one
+    # port 0: the OS picks a free one
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=STARTUP_TIMEOUT, wait_for_workers=False)
     errors = ctx.SimpleQueue()
     procs = [ctx.Process(target=_spawned_worker, name=f"functional_llm-tp{rank}",
                          args=(build, spec, rank, store.port, errors)) for rank in range(1, spec.world)]
@@ -262,8 +260,7 @@ def serve(build, spec, groups: Groups, device) -> None:
 
 def _spawned_worker(build, spec, rank: int, port: int, errors) -> None:
     """Entry point of a spawned rank (rank >= 1)."""
-    parent = mp.parent_process()
-    if parent is not None:    # rank 0's process ended (even by SIGKILL): leave with it
+    if (parent := mp.parent_process()) is not None:  # rank 0's process ended (even by SIGKILL): leave with it
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
     try:
         _fault("spawn")
