@@ -30,8 +30,27 @@ def _use_the_interpreter():
             sys.modules.pop(f"functional_llm.kernels.{name}", None)
 
 
+def _dot_row_by_row():
+    """The interpreter's tl.dot is numpy's matmul, and BLAS may round a row differently by where
+    it sits in the tile (it does on some CPUs), which a GPU's MMA does not: the batch-invariance
+    tests below would fail for the interpreter's sake. So float dots run as einsum (its own
+    loops, no BLAS: each element summed alone, in K order); 8-bit dots as before."""
+    import numpy as np
+    from triton.runtime import interpreter
+    blas_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:
+            return blas_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        acc = d.data.dtype
+        out = np.einsum("...ik,...kj->...ij", a.data.astype(acc), b.data.astype(acc))
+        return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
 if not torch.cuda.is_available():
     _use_the_interpreter()
+    _dot_row_by_row()
 
 import pytest  # noqa: E402
 
