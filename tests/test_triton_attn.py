@@ -8,6 +8,7 @@ the same tiny cases run compiled, plus the `gpu`-marked cases at real sizes. Int
 use fp32 and fp16 only (it computes bf16 on the raw bits). Shapes are tiny and tiles are
 overridden to 16 so that a few dozen keys still span several tiles, pages and splits.
 """
+import math
 import os
 import sys
 
@@ -26,7 +27,7 @@ def _use_the_interpreter():
         for name in [n for n in sys.modules if n.split(".")[0] == "triton"
                      and not n.startswith("triton._C")]:
             del sys.modules[name]
-        for name in ("triton_attn", "invariant"):
+        for name in ("triton_attn", "invariant", "gumbel"):
             sys.modules.pop(f"functional_llm.kernels.{name}", None)
 
 
@@ -62,6 +63,7 @@ from functional_llm.kernels.base import (FP8, AttnBatch, cache_views, new_pool, 
                                          quantize)
 from functional_llm.kernels.reference import ReferenceBackend  # noqa: E402
 import functional_llm.kernels.invariant as invariant  # noqa: E402  (re-imported if dropped above)
+import functional_llm.kernels.gumbel as gumbel  # noqa: E402  (likewise)
 from functional_llm.kernels.triton_attn import TritonBackend, attend, choose_num_splits, rope_write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -505,3 +507,26 @@ def test_invariant_attention_gives_a_row_the_same_bits_in_decode_and_any_prefill
         return sum(not all(torch.equal(o, outs[0]) for o in outs) for outs in rows.values())
     assert spread(TritonBackend().invariant()) == 0
     assert spread(TritonBackend(num_splits=3)) > 0
+
+
+# -- the GPU sampler's Gumbel-max (kernels/gumbel.py) against runtime/sampling.py's torch code --
+
+@pytest.mark.parametrize("vocab", [4096 * 2 + 37, 20_000])
+def test_gumbel_kernel_samples_the_torch_samplers_tokens(vocab):
+    """Sampled and greedy rows, ties (logits rounded to a coarse grid: the first column must
+    win across lanes and chunks), banned columns (-inf) and a width the chunks do not divide:
+    the kernel's tokens are the torch sampler's, and the sampled rows really are noisy."""
+    from functional_llm.runtime.sampling import gumbel_argmax, row_lanes
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(12, vocab, generator=gen) * 2).round()
+    logits[4] = 1.0                                   # a greedy row of ties: column 0 wins
+    logits[:, 5::7] = -math.inf
+    temperature = torch.tensor([0.0, 0.7, 1.0, 2.5] * 3)
+    seeds, positions = torch.arange(12) * 977 + 2**40, torch.arange(12) + 300
+    lanes = torch.stack(row_lanes(seeds, positions), 1)
+    got = gumbel.sample_tokens(*(t.to(DEVICE) for t in (logits, temperature, lanes))).cpu()
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
+    want = torch.where(temperature == 0, greedy, gumbel_argmax(scaled, seeds, positions))
+    assert torch.equal(got, want)
+    assert (got != greedy)[temperature > 0].sum() >= 6 and (got >= 4096).any()

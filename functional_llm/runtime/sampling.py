@@ -12,6 +12,9 @@ Contract
 * The draw is Gumbel-max: argmax(x_b + g), g = -log(-log(u)), where u[v] is a pure integer
   hash of (seeds[b], positions[b], v). Nothing else enters the noise.
 * Inputs are not modified; nothing is raised inside `sample`.
+* On a GPU, a batch with no filters takes one Triton kernel (kernels/gumbel.py): the same
+  hash and noise, x / T as x * (1 / T), NaN never drawn; the torch code below is the CPU's and
+  the tests' reference.
 
 Why counter-based noise (no torch.Generator, no global RNG)
 -----------------------------------------------------------
@@ -35,6 +38,8 @@ import math
 import attrs
 import numpy as np
 import torch
+
+from functional_llm.kernels import gumbel
 
 
 _MASK32 = 0xFFFFFFFF
@@ -90,10 +95,11 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     torch.compile, so the caller's step labels this region "sample"."""
     if st.banned is not None:
         logits = mask_banned(logits, st.banned)
-    greedy = logits.argmax(dim=-1)
     if st.greedy_only:  # host flag, fixed per captured graph: no tensor value is read
-        return greedy
-    is_greedy = st.temperature == 0
+        return logits.argmax(dim=-1)
+    if st.unfiltered and logits.is_cuda and gumbel.triton is not None:  # one pass (kernels/gumbel.py)
+        return gumbel.gumbel_max(logits, st.temperature, torch.stack(row_lanes(st.seeds, st.positions), 1))
+    greedy, is_greedy = logits.argmax(dim=-1), st.temperature == 0
     # Greedy rows are scaled by 1 only to keep the arithmetic finite; their draw is
     # discarded by the final where.
     temperature = torch.where(is_greedy, torch.ones_like(st.temperature), st.temperature)
@@ -191,17 +197,22 @@ def uniform_bits(seeds: torch.Tensor, positions: torch.Tensor, columns: torch.Te
     Two independent 32-bit lanes absorb the 64-bit seed and the position per row (cheap,
     [B]); the column is then mixed with both lanes, so a row key is 64 bits wide and two
     requests collide only with probability ~2**-64 per position."""
+    lane_a, lane_b = row_lanes(seeds, positions)
+    # Weyl step over the column (odd multiplier < 2**31), then one full mixing round (a Weyl
+    # sequence through an avalanche mixer, as splitmix): the one [B, V] part of sampling
+    x = ((lane_a[:, None] + columns * 0x61C88647) & _MASK32) ^ lane_b[:, None]
+    return _mix32(x) >> (32 - _UNIFORM_BITS)
+
+
+def row_lanes(seeds: torch.Tensor, positions: torch.Tensor) -> tuple:
+    """uniform_bits' per-row part: seeds [B], positions [B] -> two [B] int64 lanes in [0, 2**32)."""
     seed_lo, seed_hi = seeds & _MASK32, (seeds >> 32) & _MASK32
     pos_lo, pos_hi = positions & _MASK32, (positions >> 32) & _MASK32
     lane_a, lane_b = _mix32(seed_lo ^ 0x243F6A88), _mix32(seed_hi ^ 0x13198A2E)
     for word, salt in ((seed_hi, 0x03707344), (pos_lo, 0x299F31D0), (pos_hi, 0x082EFA98)):
         lane_a = _mix32(lane_a ^ word)
         lane_b = _mix32(lane_b ^ word ^ salt)
-    lane_b = _mix32(lane_b ^ seed_lo)
-    # Weyl step over the column (odd multiplier < 2**31), then one full mixing round (a Weyl
-    # sequence through an avalanche mixer, as splitmix): the one [B, V] part of sampling
-    x = ((lane_a[:, None] + columns * 0x61C88647) & _MASK32) ^ lane_b[:, None]
-    return _mix32(x) >> (32 - _UNIFORM_BITS)
+    return lane_a, _mix32(lane_b ^ seed_lo)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
