@@ -8,7 +8,8 @@ class FunctionalLLMError(ValueError):
     def __init__(self, parameter: str, value, message: str):
         self.parameter, self.value = parameter, value
         shown = repr(value)
-        super().__init__(f"{parameter}={shown if len(shown) <= 80 else shown[:77] + '...'}: {message}")
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"{parameter}={shown}: {message}")
 
 
 class InvalidSamplingParams(FunctionalLLMError):

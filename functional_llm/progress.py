@@ -18,9 +18,9 @@ class Progress:
         self.start, self.prefilled0 = time.perf_counter(), counters.prefill_tokens
         self.prefilled = self.made = self.done = 0
         self.bar = tqdm(total=sum(self.max_tokens.values()), disable=not enabled, desc="Generating",
+                        dynamic_ncols=True,    # the line is cut to the width: it never wraps
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens "
-                                   "[{elapsed}<{remaining}{postfix}]", dynamic_ncols=True)
-        # (dynamic_ncols: the line is cut to the width, it never wraps)
+                                   "[{elapsed}<{remaining}{postfix}]")
 
     def step(self, deltas, counters) -> None:
         n = sum(rid in self.max_tokens for rid in deltas.rids)
