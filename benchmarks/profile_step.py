@@ -20,6 +20,7 @@ from functional_llm import LLM, SamplingParams  # noqa: E402
 
 # kernel name fragments -> class (first match wins; Inductor's fused kernels are triton_*)
 CLASSES = [("attention (KV write, decode, combine, prefill)", ("_rope_write_kv", "_decode", "_combine", "_prefill", "flash")),
+           ("sampler (kernels/gumbel.py)", ("_gumbel_max",)),
            ("GEMM", ("gemm", "cutlass", "nvjet", "sm90", "sm80", "cublas", "matmul", "splitk")),
            ("fused norms/rope/act/sampler (Inductor)", ("triton_",)),
            ("collectives", ("nccl",)),

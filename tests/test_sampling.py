@@ -280,6 +280,13 @@ def test_same_noise_and_tokens_on_gpu():
                                      ("temperature", "top_k", "top_p", "min_p", "seeds",
                                       "positions")), "cuda")
     assert torch.equal(sample(rows["logits"].cuda(), gpu_st).cpu(), cpu)
+    # no filters (the GPU's one-kernel draw), each row banning its own winner or nothing
+    free = [params["temperature"], [0] * 32, [1.0] * 32, [0.0] * 32, params["seeds"], params["positions"]]
+    cpu = sample(rows["logits"], make_sampling_tensors(*free, "cpu"))
+    banned = [[t, -1] if i % 3 else [-1, -1] for i, t in enumerate(cpu.tolist())]
+    want = sample(rows["logits"], make_sampling_tensors(*free, "cpu", banned))
+    got = sample(rows["logits"].cuda(), make_sampling_tensors(*free, "cuda", banned)).cpu()
+    assert torch.equal(got, want) and (want != cpu).sum() >= 15
     cols = torch.arange(4096).expand(32, -1)
     assert torch.equal(uniform_bits(gpu_st.seeds, gpu_st.positions, cols.cuda()).cpu(),
                        uniform_bits(torch.tensor(params["seeds"]),

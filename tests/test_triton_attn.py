@@ -183,6 +183,9 @@ CASES = {
     "mixed-gqa3": ([20, 5, 33, 0, 9], [1, 6, 1, 9, 1], 8, 2, 3, 32, FP32, dict(num_splits=2)),
     "mixed-gqa8-fp16": ([20, 5, 33, 0], [1, 7, 1, 4], 16, 1, 8, 64, FP16, dict(num_splits=2)),
     "mixed-gqa2-fp16": ([18, 3, 30], [1, 5, 1], 8, 2, 2, 32, FP16, dict(num_splits=4)),
+    # pages of 32, tiles of 32 keys; writes at page rows past 16
+    "mixed-page32": ([50, 5, 70], [1, 14, 1], 32, 2, 2, 16, FP32,
+                     dict(num_splits=2, decode_block_n=32, prefill_block_n=32)),
 }
 
 
@@ -206,7 +209,7 @@ def same_quantization(kv, ref_kv, K, D, which=(0, 1), steps=0):
 
 
 @pytest.mark.parametrize("name", ["decode-split-gqa4", "decode-block4-gqa3", "prefix-then-chunk",
-                                  "mixed-gqa3", "decode-one-split-mqa"])
+                                  "mixed-gqa3", "decode-one-split-mqa", "mixed-page32"])
 def test_fp8_pool_matches_reference(name):
     """With the fp8 pool: the new K/V quantized as the reference quantizes them (values and
     scales), and attention over the e4m3 values and scales as the reference's over its
@@ -382,15 +385,17 @@ def test_shapes_the_kernels_cannot_serve_are_typed_before_anything_starts(tmp_pa
     assert e.value.parameter == "block_size" and not built
 
 
+@pytest.mark.parametrize("q_lens", [[1, 7, 3], [1, 1, 1]])
 @pytest.mark.parametrize("norms,dtype,tol,fp8", [(True, torch.float32, 1e-5, False), (False, torch.float32, 1e-5, False),
                                                  (True, torch.float16, 2e-2, False), (True, torch.float32, 1e-5, True)])
-def test_fused_norm_rope_kv_write_matches_reference(norms, dtype, tol, fp8):
+def test_fused_norm_rope_kv_write_matches_reference(norms, dtype, tol, fp8, q_lens):
     """The triton backend given q/k as projected plus `rope` (one kernel: q/k per-head norm,
-    rotation, KV write) against model.llama.qk_norm_rope followed by the reference backend."""
+    rotation, KV write) against model.llama.qk_norm_rope followed by the reference backend,
+    for a mixed step and a step of decodes only."""
     from functional_llm.model.llama import qk_norm_rope, rope_cos_sin
-    q, k, v, k_cache, v_cache, batch = make_case([20, 0, 9], [1, 7, 3], 8, 2, 3, 32, dtype, seed=3)
+    q, k, v, k_cache, v_cache, batch = make_case([20, 0, 9], q_lens, 8, 2, 3, 32, dtype, seed=3)
     positions = torch.cat([torch.arange(s - n, s) for s, n in
-                           zip(batch.seq_lens.tolist(), (1, 7, 3))]).to(DEVICE)
+                           zip(batch.seq_lens.tolist(), q_lens)]).to(DEVICE)
     cos, sin = rope_cos_sin(positions, 32, 1e4, dtype)
     g = torch.Generator().manual_seed(5)
     weights = [(1 + 0.3 * torch.randn(32, generator=g)).to(dtype).to(DEVICE) for _ in "qk"] if norms else [None, None]
@@ -514,9 +519,10 @@ def test_invariant_attention_gives_a_row_the_same_bits_in_decode_and_any_prefill
 @pytest.mark.parametrize("vocab", [4096 * 2 + 37, 20_000])
 def test_gumbel_kernel_samples_the_torch_samplers_tokens(vocab):
     """Sampled and greedy rows, ties (logits rounded to a coarse grid: the first column must
-    win across lanes and chunks), banned columns (-inf) and a width the chunks do not divide:
-    the kernel's tokens are the torch sampler's, and the sampled rows really are noisy."""
-    from functional_llm.runtime.sampling import gumbel_argmax, row_lanes
+    win across lanes and chunks), -inf columns, banned ids (each row's winner, in some rows)
+    and a width the chunks do not divide: the kernel's tokens are the torch sampler's, and the
+    sampled rows really are noisy."""
+    from functional_llm.runtime.sampling import gumbel_argmax, mask_banned, row_lanes
     gen = torch.Generator().manual_seed(vocab)
     logits = (torch.randn(12, vocab, generator=gen) * 2).round()
     logits[4] = 1.0                                   # a greedy row of ties: column 0 wins
@@ -524,9 +530,16 @@ def test_gumbel_kernel_samples_the_torch_samplers_tokens(vocab):
     temperature = torch.tensor([0.0, 0.7, 1.0, 2.5] * 3)
     seeds, positions = torch.arange(12) * 977 + 2**40, torch.arange(12) + 300
     lanes = torch.stack(row_lanes(seeds, positions), 1)
+
+    def want(logits):
+        greedy = logits.argmax(dim=-1)
+        scaled = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
+        return torch.where(temperature == 0, greedy, gumbel_argmax(scaled, seeds, positions))
     got = gumbel.sample_tokens(*(t.to(DEVICE) for t in (logits, temperature, lanes))).cpu()
-    greedy = logits.argmax(dim=-1)
-    scaled = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
-    want = torch.where(temperature == 0, greedy, gumbel_argmax(scaled, seeds, positions))
-    assert torch.equal(got, want)
-    assert (got != greedy)[temperature > 0].sum() >= 6 and (got >= 4096).any()
+    assert torch.equal(got, want(logits))
+    assert (got != logits.argmax(dim=-1))[temperature > 0].sum() >= 6 and (got >= 4096).any()
+    banned = torch.stack([got, torch.full_like(got, 3), torch.full_like(got, -1)], 1)
+    banned[::3] = -1                                  # rows 0, 3, 6, 9 ban nothing
+    now = gumbel.sample_tokens(*(t.to(DEVICE) for t in (logits, temperature, lanes, banned))).cpu()
+    assert torch.equal(now, want(mask_banned(logits, banned)))
+    assert torch.equal(now == got, banned[:, 0] < 0)     # a winner banned moves; the rest stay

@@ -93,12 +93,13 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
     No profiler range in here: record_function is dropped (with a warning) under
     torch.compile, so the caller's step labels this region "sample"."""
+    if st.unfiltered and not st.greedy_only and logits.is_cuda and gumbel.triton is not None:
+        lanes = torch.stack(row_lanes(st.seeds, st.positions), 1)   # one pass, bans included
+        return gumbel.gumbel_max(logits, st.temperature, lanes, st.banned)  # (kernels/gumbel.py)
     if st.banned is not None:
         logits = mask_banned(logits, st.banned)
     if st.greedy_only:  # host flag, fixed per captured graph: no tensor value is read
         return logits.argmax(dim=-1)
-    if st.unfiltered and logits.is_cuda and gumbel.triton is not None:  # one pass (kernels/gumbel.py)
-        return gumbel.gumbel_max(logits, st.temperature, torch.stack(row_lanes(st.seeds, st.positions), 1))
     greedy, is_greedy = logits.argmax(dim=-1), st.temperature == 0
     # Greedy rows are scaled by 1 only to keep the arithmetic finite; their draw is
     # discarded by the final where.
