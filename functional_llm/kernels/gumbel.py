@@ -7,9 +7,10 @@ the whole row: at V = 152k that left the GPU mostly idle (two waves of programs 
 and writes its best (score, column); the row's token is the first chunk's best among the
 chunks' maxima, so ties go to the first column, as with torch's argmax. A greedy row (T = 0)
 scores its raw logits. x / T is taken as x * (1 / T) (within an ulp; a division a column made the
-kernel 1.2x slower). A row's banned ids (min_tokens) score -inf here, saving
-sampling.mask_banned's [B, V] copy. The hash is sampling.uniform_bits in uint32 arithmetic (wrapping
-multiplies, logical shifts: the same bits; tests). Unlike torch's argmax a NaN never wins.
+kernel 1.2x slower). A row's banned ids (min_tokens) score -inf here, which saves
+sampling.mask_banned's [B, V] copy of the logits. The hash is sampling.uniform_bits in uint32
+arithmetic (wrapping multiplies, logical shifts: the same bits; tests). Unlike torch's argmax a
+NaN never wins.
 `gumbel_max` is a registered op (namespace functional_llm_sample, which the piecewise
 compile does not cut at); the CPU runs sampling's torch code, and the tests run this one under
 Triton's interpreter.
@@ -66,8 +67,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, lanes: torch.
     best = torch.empty(B, chunks, dtype=torch.float32, device=logits.device)
     best_col = torch.empty(B, chunks, dtype=torch.int32, device=logits.device)
     banned = lanes if banned is None else banned.contiguous()
+    width = 0 if banned is lanes else banned.shape[1]
     _gumbel_max[(B, chunks)](logits, temperature, lanes, banned, best, best_col, logits.stride(0), V,
-                             chunks, 0 if banned is lanes else banned.shape[1], CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
+                             chunks, width, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
     return best_col.gather(1, best.argmax(dim=1, keepdim=True))[:, 0].long()
 
 
