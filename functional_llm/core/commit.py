@@ -80,10 +80,10 @@ def resolve(state: SchedState, cfg: SchedConfig, plan: Plan, tokens: Sequence[in
     pool = state.pool
     for rid in finished:
         pool = B.free(pool, seqs.pop(rid).block_table)
+    running, waiting = state.running, state.waiting
     if finished:
-        state = attrs.evolve(state, running=tuple(r for r in state.running if r not in finished),
-                             waiting=tuple(r for r in state.waiting if r not in finished))
-    new = attrs.evolve(state, seqs=MappingProxyType(seqs), pool=pool)
+        running, waiting = (tuple(r for r in ids if r not in finished) for ids in (running, waiting))
+    new = attrs.evolve(state, running=running, waiting=waiting, seqs=MappingProxyType(seqs), pool=pool)
     return new, Deltas(tuple(rid for rid, _ in rows), tuple(tokens), MappingProxyType(finished),
                        MappingProxyType(cached))
 

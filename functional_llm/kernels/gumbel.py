@@ -66,8 +66,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, lanes: torch.
     (B, V), chunks = logits.shape, triton.cdiv(logits.shape[1], CHUNK)
     best = torch.empty(B, chunks, dtype=torch.float32, device=logits.device)
     best_col = torch.empty(B, chunks, dtype=torch.int32, device=logits.device)
-    banned = lanes if banned is None else banned.contiguous()
-    width = 0 if banned is lanes else banned.shape[1]
+    width, banned = (0, lanes) if banned is None else (banned.shape[1], banned.contiguous())  # lanes: unread
     _gumbel_max[(B, chunks)](logits, temperature, lanes, banned, best, best_col, logits.stride(0), V,
                              chunks, width, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
     return best_col.gather(1, best.argmax(dim=1, keepdim=True))[:, 0].long()
